@@ -1,0 +1,92 @@
+"""``resu.compile(model, sparsity=0.7, **options)``: the one-call front end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from resu_compile.backend import ResuBackend, find_controller, track
+from resu_compile.config import ResuConfig
+from resu_compile.phases import PhaseController
+
+
+def compile(
+    model: torch.nn.Module,
+    sparsity: float | None = None,
+    *,
+    config: ResuConfig | None = None,
+    dynamic: bool | None = None,
+    fullgraph: bool = False,
+    **options: Any,
+) -> torch.nn.Module:
+    """Compile ``model`` for RESU training; returns the compiled module with a ``.resu`` handle.
+
+    ``options`` are :class:`ResuConfig` fields (or pass ``config=``). Validation happens before
+    anything is changed: a bad option, a model without parameters, or a filter that names a
+    non-floating-point weight raises ``ValueError`` and leaves ``model`` as it was.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"resu.compile: model must be a torch.nn.Module, got {type(model).__name__}"
+        )
+    if find_controller(model) is not None:
+        raise ValueError("resu.compile: model is already compiled by resu-compile")
+    if config is not None and (options or sparsity is not None):
+        raise ValueError("resu.compile: pass either config= or sparsity/options, not both")
+    if config is None:
+        if sparsity is not None:
+            options["sparsity"] = sparsity
+        config = ResuConfig.from_options(options)
+    _check_model(model, config)
+    controller = PhaseController(config, {id(p): n for n, p in model.named_parameters()})
+    track(controller, model)
+    compiled = torch.compile(
+        model, backend=ResuBackend(controller), dynamic=dynamic, fullgraph=fullgraph
+    )
+    compiled.resu = controller
+    return compiled
+
+
+def controller(model: torch.nn.Module) -> PhaseController:
+    """The ``.resu`` handle of a model compiled by ``resu.compile`` or ``backend="resu"``.
+
+    With ``torch.compile(model, backend="resu")`` the handle exists once the model has run a
+    forward pass (that is when the backend first sees the graph).
+    """
+    found = find_controller(model)
+    if found is None:
+        raise ValueError(
+            "resu.controller: this model is not managed by resu-compile (use resu.compile, or run "
+            "a forward pass of torch.compile(model, backend='resu') first)"
+        )
+    return found
+
+
+def _check_model(model: torch.nn.Module, config: ResuConfig) -> None:
+    params = list(model.named_parameters())
+    if not params:
+        raise ValueError("resu.compile: model has no parameters, so no managed weight can be found")
+    for name, param in params:
+        if param.device.type == "meta":
+            raise ValueError(
+                f"resu.compile: parameter {name!r} is on the meta device; materialize the model "
+                "(e.g. model.to_empty(device=...) and initialise) before compiling"
+            )
+        if (
+            config.include is not None
+            and config.selects(name, param)
+            and not param.is_floating_point()
+        ):
+            raise ValueError(
+                f"resu.compile: include selects {name!r} of dtype {param.dtype}; only "
+                "floating-point weights can be managed"
+            )
+    eligible = [
+        n for n, p in params if p.dim() >= 2 and p.is_floating_point() and config.selects(n, p)
+    ]
+    if not eligible:
+        raise ValueError(
+            "resu.compile: no managed weight can be found: no floating-point parameter with 2+ dims "
+            "passes the include / exclude filter"
+        )

@@ -1,0 +1,241 @@
+"""The torch.compile backend "resu": match, register, rewrite, hand off to the inner compiler.
+
+For every graph Dynamo captures, the backend finds the managed weights (``passes.match`` /
+``passes.select``), registers them with the controller's StateManager, and returns a
+:class:`GraphDispatcher`: a callable that runs, per call, the compiled variant the controller's
+current phase needs. Variants are compiled once and cached; a phase switch is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from resu_compile.config import ResuConfig
+from resu_compile.passes.match import WeightCandidate, find_weight_candidates
+from resu_compile.passes.rewrite import build_variant
+from resu_compile.passes.select import skip_reason
+from resu_compile.phases import PhaseController
+from resu_compile.state import ManagedWeight
+
+# Controllers created by the "resu" backend name, per root module (graphs of one model, split by
+# graph breaks, share one controller); every live controller, for lookups by parameter.
+_BY_MODULE: weakref.WeakKeyDictionary[torch.nn.Module, PhaseController] = (
+    weakref.WeakKeyDictionary()
+)
+_ALL: weakref.WeakSet[PhaseController] = weakref.WeakSet()
+
+
+def track(controller: PhaseController, module: torch.nn.Module | None = None) -> None:
+    """Make ``controller`` findable by :func:`find_controller`."""
+    _ALL.add(controller)
+    if module is not None:
+        _BY_MODULE[module] = controller
+
+
+def find_controller(model: torch.nn.Module) -> PhaseController | None:
+    """The controller managing ``model`` (a compiled or original module), if any."""
+    handle = getattr(model, "__dict__", {}).get("resu")
+    if isinstance(handle, PhaseController):
+        return handle
+    original = getattr(model, "_orig_mod", model)
+    if original in _BY_MODULE:
+        return _BY_MODULE[original]
+    for param in original.parameters():
+        for controller in list(_ALL):
+            if controller.state.get(param) is not None:
+                return controller
+    return None
+
+
+def inner_compiler(name: str) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
+    """The compiler each variant is handed to after the rewrite."""
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    if name == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")
+    return lambda gm, example_inputs: gm.forward
+
+
+def source_name(source: Any) -> str | None:
+    """Dotted parameter name (``layers.0.weight``) from a Dynamo source chain."""
+    parts: list[str] = []
+    while source is not None and hasattr(source, "base"):
+        member = getattr(source, "member", None)
+        index = getattr(source, "index", None)
+        part = member if member is not None else index
+        if part is not None and part not in ("_modules", "_parameters", "_buffers"):
+            parts.append(str(part))
+        source = source.base
+    return ".".join(reversed(parts)) or None
+
+
+class GraphDispatcher:
+    """What the backend returns for one Dynamo graph: runs the variant the phase needs."""
+
+    def __init__(
+        self,
+        controller: PhaseController,
+        gm: fx.GraphModule,
+        example_inputs: list[Any],
+        managed: list[tuple[int, WeightCandidate, ManagedWeight]],
+    ) -> None:
+        self._gm = gm
+        self._example_inputs = list(example_inputs)
+        self._inner = inner_compiler(controller.config.compiler)
+        self._slots = managed
+        self._uses = [use for _, candidate, _ in managed for use in candidate.linear_uses]
+        self._bindings: dict[int, tuple[PhaseController, list[ManagedWeight]]] = {}
+        self._config = controller.config
+        if managed:
+            index = managed[0][0]
+            self._bindings[id(example_inputs[index])] = (controller, [w for _, _, w in managed])
+        self._tracing_context = torch._guards.TracingContext.try_get()
+        self._train = self._inner(build_variant(gm, self._uses), self._example_inputs)
+        self._calibrate: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if not self._slots:
+            return self._train(*args)
+        controller, weights = self._binding(args)
+        if not controller.calibrating:
+            return self._train(*args)
+        for weight in weights:
+            if weight.input_sq_norms is None:
+                features = weight.shape[weight.input_dim] if weight.input_dim is not None else 0
+                weight.input_sq_norms = torch.zeros(
+                    features, dtype=torch.float32, device=weight.param.device
+                )
+        norms = [weight.input_sq_norms for weight in weights]
+        return self._calibrate_variant()(*args, *norms)
+
+    def _binding(self, args: tuple[Any, ...]) -> tuple[PhaseController, list[ManagedWeight]]:
+        """Controller and weights for the parameters passed in this call.
+
+        Dynamo reuses compiled code for a second instance of the same model class compiled with
+        the same backend options, so the parameters may belong to another model: they are then
+        registered with that model's controller (created on first sight).
+        """
+        first = args[self._slots[0][0]]
+        binding = self._bindings.get(id(first))
+        if binding is None:
+            controller = _owner_of(first) or _new_controller(self._config)
+            weights = []
+            for index, _, template in self._slots:
+                weight = controller.state.register(args[index], template.name)
+                weight.ops, weight.input_dim = template.ops, template.input_dim
+                weights.append(weight)
+            binding = self._bindings[id(first)] = (controller, weights)
+        return binding
+
+    def _calibrate_variant(self) -> Callable[..., Any]:
+        if self._calibrate is None:
+            slots = {
+                id(candidate.placeholder): i for i, (_, candidate, _) in enumerate(self._slots)
+            }
+            variant = build_variant(self._gm, self._uses, norm_slots=slots)
+            _, weights = next(iter(self._bindings.values()))
+            inputs = [*self._example_inputs, *(w.input_sq_norms for w in weights)]
+            with contextlib.ExitStack() as stack:
+                if self._tracing_context is not None:
+                    stack.enter_context(torch._guards.tracing(self._tracing_context))
+                self._calibrate = self._inner(variant, inputs)
+        return self._calibrate
+
+
+def _owner_of(param: torch.Tensor) -> PhaseController | None:
+    for controller in list(_ALL):
+        if controller.state.get(param) is not None:
+            return controller
+    return None
+
+
+def _new_controller(config: ResuConfig, module: torch.nn.Module | None = None) -> PhaseController:
+    names = {id(p): n for n, p in module.named_parameters()} if module is not None else None
+    controller = PhaseController(config, names)
+    track(controller, module)
+    return controller
+
+
+def compile_graph(
+    controller: PhaseController, gm: fx.GraphModule, example_inputs: list[Any]
+) -> GraphDispatcher:
+    """Match, register and rewrite one Dynamo graph for ``controller``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index_of = {id(node): i for i, node in enumerate(placeholders)}
+    managed = []
+    for candidate in find_weight_candidates(gm, example_inputs):
+        fallback = source_name(getattr(candidate.placeholder, "_dynamo_source", None))
+        name = controller.name_of(candidate.param, fallback or candidate.placeholder.name)
+        reason = skip_reason(candidate, name, controller.config)
+        if reason is not None:
+            # A weight managed from an earlier graph stays managed; it is just not rewritten here.
+            controller.state.skip(name, candidate.param, reason)
+            continue
+        weight = controller.state.register(candidate.param, name)
+        weight.ops = sorted(set(weight.ops) | set(candidate.matmul_ops))
+        if weight.input_dim is None:
+            weight.input_dim = candidate.input_dim
+        managed.append((index_of[id(candidate.placeholder)], candidate, weight))
+    return GraphDispatcher(controller, gm, example_inputs, managed)
+
+
+class ResuBackend:
+    """A torch.compile backend bound to one controller (what :func:`resu.compile` uses)."""
+
+    def __init__(self, controller: PhaseController) -> None:
+        self.controller = controller
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any) -> GraphDispatcher:
+        return compile_graph(self.controller, gm, example_inputs)
+
+
+def resu_backend(
+    gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None, **_: Any
+) -> GraphDispatcher:
+    """``torch.compile(model, backend="resu", options={...})``: options are ResuConfig fields."""
+    root = _root_module(gm)
+    controller = _BY_MODULE.get(root) if root is not None else None
+    if controller is None:
+        for value in example_inputs:
+            if isinstance(value, torch.nn.Parameter):
+                controller = _owner_of(value)
+                if controller is not None:
+                    break
+    if controller is None:
+        controller = _new_controller(ResuConfig.from_options(options), root)
+    return compile_graph(controller, gm, example_inputs)
+
+
+def _root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
+    """The module whose forward Dynamo is tracing (the graph's parameters hang off it)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return None
+    for node in gm.graph.nodes:
+        source = getattr(node, "_dynamo_source", None)
+        while source is not None and hasattr(source, "base"):
+            source = source.base
+        local = getattr(source, "local_name", None)
+        value = tx.f_locals.get(local) if local is not None else None
+        if isinstance(value, torch.nn.Module):
+            return value
+    return None
+
+
+def register() -> None:
+    """Register the "resu" name unless the entry point already did (avoids a duplicate-name error)."""
+    from torch._dynamo import list_backends, register_backend
+
+    if "resu" not in list_backends(exclude_tags=()):
+        register_backend(resu_backend, name="resu")

@@ -1,0 +1,314 @@
+"""ResuConfig: every option of resu-compile in one validated, serialisable object.
+
+Options are validated when the config is built, so a typo or an out-of-range value fails before any
+model is touched, with a message naming the option and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ParamFilter = str | Sequence[str] | Callable[[str, Any], bool] | None
+
+SCHEDULES = ("linear", "cubic", "constant")
+COMPILERS = ("inductor", "aot_eager", "eager")
+CRITERIA = ("magnitude",)
+DISTRIBUTIONS = ("uniform",)
+SELECTIONS = ("random", "all")
+THETA_OPTIMIZERS = ("sgd", "momentum", "adamw")
+AMNESTY_SCORES = ("magnitude",)
+NAN_POLICIES = ("skip", "raise")
+
+
+def _require(condition: bool, option: str, allowed: str, value: Any) -> None:
+    if not condition:
+        raise ValueError(f"ResuConfig: option '{option}' must be {allowed}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _in_range(value: Any, low: float, high: float, *, high_open: bool = False) -> bool:
+    if not _is_number(value) or math.isnan(value):
+        return False
+    return low <= value < high if high_open else low <= value <= high
+
+
+@dataclass(frozen=True)
+class ResuConfig:
+    """Options of a RESU run. Defaults follow METHOD.md.
+
+    Schedule:
+        sparsity: final fraction of pruned weights per managed layer, in [0, 1).
+        cycles: number of TRAIN / PRUNE / STABILIZE / RESU / COMMIT cycles.
+        steps_per_cycle / total_steps: cycle length in optimizer steps (give at most one;
+            ``total_steps`` is split evenly over the cycles). Default: 1000 steps per cycle.
+        phase_fractions: (train, stabilize, resu) shares of a cycle; they must sum to 1.
+        schedule: "linear" (s * (c + 1) / C), "cubic" (Zhu & Gupta), "constant", or an explicit
+            list of per-cycle sparsities (one per cycle, each in [0, 1)).
+        manual: if True the controller never changes phase by itself; the user calls
+            ``prune()``, ``enter_resu()`` and ``commit()``.
+    Which weights:
+        include / exclude: glob pattern(s) on parameter names, or a callable
+            ``(name, param) -> bool``. Applied on top of the default rule (2-D+ float params used
+            only as matmul weights).
+    Method:
+        criterion, distribution: pruning rule (section 3 of METHOD.md).
+        selection, alpha: which pruned coordinates train during RESU, and what fraction.
+        freeze_others: during RESU, parameters that are not managed (biases, norms, embeddings)
+            are frozen too; active weights are always frozen (``freeze_active``).
+        theta_optimizer, theta_lr, theta_betas, theta_weight_decay, theta_init_eps: the RESU
+            phase's optimizer for theta and its initialisation ``eps * sigma_A * N(0, 1)``.
+        amnesty, amnesty_score, r_start, r_end: the commit tournament and its budget r(c).
+        seed: seeds every random draw (selection, theta init) so runs are reproducible.
+        nan_policy: "skip" leaves masks, theta and weights untouched on a step whose managed
+            gradients hold NaN/Inf (and counts it); "raise" raises instead.
+    Compiler:
+        compiler: inner compiler the rewritten graphs are handed to.
+    """
+
+    sparsity: float = 0.7
+    cycles: int = 5
+    steps_per_cycle: int | None = None
+    total_steps: int | None = None
+    phase_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
+    schedule: str | tuple[float, ...] = "linear"
+    manual: bool = False
+    include: ParamFilter = None
+    exclude: ParamFilter = None
+    criterion: str = "magnitude"
+    distribution: str = "uniform"
+    selection: str = "random"
+    alpha: float = 0.2
+    theta_optimizer: str = "sgd"
+    theta_lr: float = 1e-4
+    theta_betas: tuple[float, float] = (0.9, 0.999)
+    theta_weight_decay: float = 0.0
+    theta_init_eps: float = 0.1
+    freeze_others: bool = True
+    amnesty: bool = True
+    amnesty_score: str = "magnitude"
+    r_start: float = 0.10
+    r_end: float = 0.02
+    seed: int = 0
+    nan_policy: str = "skip"
+    compiler: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.schedule, list):
+            object.__setattr__(self, "schedule", tuple(self.schedule))
+        for name in ("phase_fractions", "theta_betas"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, **kwargs: Any) -> ResuConfig:
+        """Build from a dict (``torch.compile(..., options=...)``) and/or keyword arguments.
+
+        Unknown names raise ``ValueError`` listing the allowed ones.
+        """
+        merged: dict[str, Any] = dict(options or {})
+        merged.update(kwargs)
+        allowed = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+        unknown = sorted(set(merged) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"ResuConfig: unknown option(s) {unknown}; allowed options: {', '.join(allowed)}"
+            )
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialisable view (callable filters are recorded by their repr only)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            if callable(value):
+                value = f"<callable {getattr(value, '__qualname__', repr(value))}>"
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    # -- derived quantities -------------------------------------------------------------------
+
+    @property
+    def cycle_length(self) -> int:
+        """Optimizer steps in one cycle."""
+        if self.steps_per_cycle is not None:
+            return self.steps_per_cycle
+        if self.total_steps is not None:
+            return self.total_steps // self.cycles
+        return 1000
+
+    @property
+    def phase_steps(self) -> tuple[int, int, int]:
+        """(train, stabilize, resu) steps of one cycle; resu takes the rounding remainder."""
+        length = self.cycle_length
+        train = round(self.phase_fractions[0] * length)
+        stabilize = round(self.phase_fractions[1] * length)
+        return train, stabilize, length - train - stabilize
+
+    def selects(self, name: str, param: Any) -> bool:
+        """Whether the include / exclude filters keep the parameter ``name``."""
+        if self.include is not None and not _matches(self.include, name, param):
+            return False
+        return not (self.exclude is not None and _matches(self.exclude, name, param))
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        _require(
+            _in_range(self.sparsity, 0.0, 1.0, high_open=True),
+            "sparsity",
+            "a number in [0, 1)",
+            self.sparsity,
+        )
+        _require(
+            isinstance(self.cycles, int) and not isinstance(self.cycles, bool) and self.cycles >= 1,
+            "cycles",
+            "an integer >= 1",
+            self.cycles,
+        )
+        if self.steps_per_cycle is not None and self.total_steps is not None:
+            raise ValueError("ResuConfig: give at most one of 'steps_per_cycle' and 'total_steps'")
+        for name in ("steps_per_cycle", "total_steps"):
+            value = getattr(self, name)
+            _require(
+                value is None
+                or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                name,
+                "a positive integer or None",
+                value,
+            )
+        fractions = self.phase_fractions
+        _require(
+            isinstance(fractions, tuple)
+            and len(fractions) == 3
+            and all(_in_range(f, 0.0, 1.0) for f in fractions)
+            and abs(sum(fractions) - 1.0) < 1e-6,
+            "phase_fractions",
+            "three numbers in [0, 1] (train, stabilize, resu) summing to 1",
+            fractions,
+        )
+        _require(
+            self.cycle_length >= 1,
+            "total_steps",
+            f"at least 'cycles' ({self.cycles}) steps",
+            self.total_steps,
+        )
+        train, _, resu = self.phase_steps
+        _require(
+            resu >= 1 and train >= 0,
+            "phase_fractions",
+            f"a split that leaves the RESU phase at least 1 of the {self.cycle_length} steps per cycle",
+            fractions,
+        )
+        if isinstance(self.schedule, tuple):
+            _require(
+                len(self.schedule) == self.cycles
+                and all(_in_range(s, 0.0, 1.0, high_open=True) for s in self.schedule),
+                "schedule",
+                f"one of {SCHEDULES} or a list of {self.cycles} sparsities in [0, 1)",
+                self.schedule,
+            )
+        else:
+            _require(
+                self.schedule in SCHEDULES,
+                "schedule",
+                f"one of {SCHEDULES} or a list of per-cycle sparsities",
+                self.schedule,
+            )
+        _require(isinstance(self.manual, bool), "manual", "a bool", self.manual)
+        for name in ("include", "exclude"):
+            _validate_filter(name, getattr(self, name))
+        for name, allowed in (
+            ("criterion", CRITERIA),
+            ("distribution", DISTRIBUTIONS),
+            ("selection", SELECTIONS),
+            ("theta_optimizer", THETA_OPTIMIZERS),
+            ("amnesty_score", AMNESTY_SCORES),
+            ("nan_policy", NAN_POLICIES),
+            ("compiler", COMPILERS),
+        ):
+            value = getattr(self, name)
+            _require(value in allowed, name, f"one of {allowed}", value)
+        _require(
+            _in_range(self.alpha, 0.0, 1.0) and self.alpha > 0,
+            "alpha",
+            "a number in (0, 1]",
+            self.alpha,
+        )
+        _require(
+            _in_range(self.theta_lr, 0.0, math.inf) and self.theta_lr > 0,
+            "theta_lr",
+            "a positive number",
+            self.theta_lr,
+        )
+        betas = self.theta_betas
+        _require(
+            isinstance(betas, tuple)
+            and len(betas) == 2
+            and all(_in_range(b, 0.0, 1.0, high_open=True) for b in betas),
+            "theta_betas",
+            "two numbers in [0, 1)",
+            betas,
+        )
+        _require(
+            _in_range(self.theta_weight_decay, 0.0, math.inf),
+            "theta_weight_decay",
+            "a number >= 0",
+            self.theta_weight_decay,
+        )
+        _require(
+            _in_range(self.theta_init_eps, 0.0, math.inf),
+            "theta_init_eps",
+            "a number >= 0",
+            self.theta_init_eps,
+        )
+        _require(isinstance(self.amnesty, bool), "amnesty", "a bool", self.amnesty)
+        _require(
+            isinstance(self.freeze_others, bool), "freeze_others", "a bool", self.freeze_others
+        )
+        for name in ("r_start", "r_end"):
+            _require(
+                _in_range(getattr(self, name), 0.0, 1.0),
+                name,
+                "a number in [0, 1]",
+                getattr(self, name),
+            )
+        _require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            "seed",
+            "an integer",
+            self.seed,
+        )
+
+
+def _validate_filter(option: str, value: ParamFilter) -> None:
+    if value is None or callable(value) or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return
+    raise ValueError(
+        f"ResuConfig: option '{option}' must be a glob string, a list of globs, or a callable "
+        f"(name, param) -> bool, got {value!r}"
+    )
+
+
+def _matches(pattern: ParamFilter, name: str, param: Any) -> bool:
+    if callable(pattern):
+        return bool(pattern(name, param))
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or ())
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

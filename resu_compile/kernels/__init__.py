@@ -1,0 +1,1 @@
+"""Kernels: packed bits, the resu custom ops, pure-PyTorch references and their Triton versions."""

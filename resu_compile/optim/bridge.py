@@ -1,0 +1,252 @@
+"""OptimizerBridge: how one optimizer step becomes a masked, phase-aware step.
+
+The user's loop changes by one line at most: ``model.resu.step(optimizer)`` instead of
+``optimizer.step()``, or ``model.resu.attach(optimizer)`` once, after which ``optimizer.step()``
+itself is hooked (this also works under ``GradScaler.step``).
+
+Around the optimizer's own step, the bridge takes the gradients of the weights it updates itself
+away from the optimizer (a parameter whose ``.grad`` is None is skipped by every torch.optim
+optimizer), lets the optimizer step the rest, then runs the masked or RESU updates and gives the
+gradients back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from resu_compile.optim.updates import (
+    kernels_for,
+    masked_update,
+    update_rule,
+    weight_shaped_state,
+)
+
+if TYPE_CHECKING:
+    from resu_compile.phases import PhaseController
+    from resu_compile.state import ManagedWeight
+
+# Names under which torch.optim keeps first / second moments; the RESU phase stores theta's own
+# moments in their pruned slots, which the sparse invariant keeps at zero and otherwise unused.
+_FIRST_MOMENT_SLOTS = ("exp_avg", "momentum_buffer")
+_SECOND_MOMENT_SLOTS = ("exp_avg_sq",)
+
+
+class OptimizerBridge:
+    """Runs the phase-aware optimizer step for one controller."""
+
+    def __init__(self, controller: PhaseController) -> None:
+        self._controller = controller
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._hooks: list[Any] = []
+        self._stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._groups: dict[int, dict[str, Any]] = {}
+        self._skip_managed = False
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer
+
+    # -- entry points -----------------------------------------------------------------------
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._hooks and optimizer is self._optimizer:
+            raise RuntimeError(
+                "step(): this optimizer is attached; call optimizer.step() instead of resu.step()"
+            )
+        self._before(optimizer)
+        try:
+            optimizer.step()
+        finally:
+            self._after(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"attach(): optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if self._hooks:
+            raise RuntimeError("attach(): an optimizer is already attached; call detach() first")
+        self._validate(optimizer)
+        self._hooks = [
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after(opt)),
+        ]
+        self._optimizer = optimizer
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _validate(self, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"step(): optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        weights = list(self._controller.state)
+        if not weights:
+            raise ValueError(
+                "step(): no managed weight found (the model must run a forward pass first, and "
+                f"at least one weight must qualify):\n{self._controller.report()}"
+            )
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        missing = [w.name for w in weights if id(w.param) not in groups]
+        if missing:
+            raise ValueError(
+                f"step(): the optimizer does not hold managed weight(s) {missing}; pass an "
+                "optimizer built over model.parameters()"
+            )
+        self._groups = groups
+
+    def _before(self, optimizer: torch.optim.Optimizer) -> None:
+        self._validate(optimizer)
+        self._optimizer = optimizer
+        controller = self._controller
+        controller.advance()
+        weights = [w for w in controller.state if w.param.grad is not None]
+        self._skip_managed = not self._grads_finite(weights)
+        if self._skip_managed:
+            controller.nonfinite_steps += 1
+            if controller.config.nan_policy == "raise":
+                raise FloatingPointError(
+                    "step(): a managed weight's gradient holds NaN or Inf (nan_policy='raise')"
+                )
+            for weight in weights:
+                self._take_grad(weight.param)
+            return
+        in_resu = controller.phase.value == "resu"
+        for weight in weights:
+            group = self._groups[id(weight.param)]
+            if in_resu or (weight.mask_bits is not None and update_rule(optimizer, group)):
+                self._take_grad(weight.param)
+            elif weight.mask_bits is not None:
+                weight.param.grad.masked_fill_(~weight.mask(), 0)
+        if in_resu and controller.config.freeze_others:
+            managed = {id(w.param) for w in controller.state}
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if id(param) not in managed and param.grad is not None:
+                        self._take_grad(param)
+
+    def _after(self, optimizer: torch.optim.Optimizer) -> None:
+        controller = self._controller
+        stash, self._stash = self._stash, {}
+        try:
+            if not self._skip_managed:
+                with torch.no_grad():
+                    self._update_managed(optimizer, stash)
+        finally:
+            for param, grad in stash.values():
+                param.grad = grad
+        controller.after_step()
+
+    def _update_managed(
+        self, optimizer: torch.optim.Optimizer, stash: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        controller = self._controller
+        in_resu = controller.phase.value == "resu"
+        for weight in controller.state:
+            taken = stash.get(id(weight.param))
+            if in_resu:
+                if taken is not None:
+                    self._theta_step(optimizer, weight, taken[1])
+            elif taken is not None:
+                masked_update(
+                    optimizer,
+                    self._groups[id(weight.param)],
+                    weight.param,
+                    taken[1],
+                    weight.mask_bits,
+                )
+            elif weight.mask_bits is not None and weight.param.grad is not None:
+                # Fallback optimizers stepped the masked gradient; re-apply the mask everywhere.
+                self.zero_coordinates(optimizer, weight.param, ~weight.mask())
+
+    def _theta_step(
+        self, optimizer: torch.optim.Optimizer, weight: ManagedWeight, grad: torch.Tensor
+    ) -> None:
+        config = self._controller.config
+        exp_avg, exp_avg_sq = self._theta_slots(optimizer, weight)
+        if self._controller.resu_steps == 0:
+            # Theta's moments start at zero on every pruned slot, whatever the slot held.
+            pruned = ~weight.mask() if weight.mask_bits is not None else None
+            for slot in (exp_avg, exp_avg_sq):
+                if slot is not None and pruned is not None:
+                    slot.masked_fill_(pruned, 0)
+        kernels_for(weight.param.device).theta_update_(
+            weight.param,
+            grad,
+            weight.select_bits,
+            rule=config.theta_optimizer,
+            lr=config.theta_lr,
+            step=self._controller.resu_steps + 1,
+            exp_avg=exp_avg,
+            exp_avg_sq=exp_avg_sq,
+            beta1=config.theta_betas[0],
+            beta2=config.theta_betas[1],
+            weight_decay=config.theta_weight_decay,
+        )
+
+    def _theta_slots(
+        self, optimizer: torch.optim.Optimizer, weight: ManagedWeight
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Tensors for theta's moments: the optimizer's own pruned slots when it has them."""
+        rule = self._controller.config.theta_optimizer
+        if rule == "sgd":
+            return None, None
+        state = optimizer.state.get(weight.param, {})
+
+        def slot(names: tuple[str, ...], key: str) -> torch.Tensor:
+            for name in names:
+                value = state.get(name)
+                if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                    return value
+            if key not in weight.theta_buffers:
+                weight.theta_buffers[key] = torch.zeros_like(weight.param)
+            return weight.theta_buffers[key]
+
+        first = slot(_FIRST_MOMENT_SLOTS, "exp_avg")
+        second = slot(_SECOND_MOMENT_SLOTS, "exp_avg_sq") if rule == "adamw" else None
+        return first, second
+
+    def _take_grad(self, param: torch.Tensor) -> None:
+        self._stash[id(param)] = (param, param.grad)
+        param.grad = None
+
+    @staticmethod
+    def _grads_finite(weights: list[ManagedWeight]) -> bool:
+        if not weights:
+            return True
+        # One fused reduction and a single host sync per step, whatever the number of weights.
+        norms = torch._foreach_norm([w.param.grad for w in weights], float("inf"))
+        devices = {n.device for n in norms}
+        if len(devices) > 1:
+            norms = [n.cpu() for n in norms]
+        return bool(torch.stack(norms).isfinite().all())
+
+    # -- transitions' helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def zero_coordinates(
+        optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor
+    ) -> None:
+        """``param`` and every optimizer state tensor shaped like it become 0 where ``where``."""
+        param.data.masked_fill_(where, 0)
+        if optimizer is not None:
+            for value in weight_shaped_state(optimizer, param):
+                value.masked_fill_(where, 0)
+
+    @staticmethod
+    def zero_state(
+        optimizer: torch.optim.Optimizer | None, weight: ManagedWeight, where: torch.Tensor
+    ) -> None:
+        """Optimizer state (the user's and theta's own buffers) becomes 0 where ``where``."""
+        tensors = list(weight.theta_buffers.values())
+        if optimizer is not None:
+            tensors += weight_shaped_state(optimizer, weight.param)
+        for value in tensors:
+            value.masked_fill_(where, 0)

@@ -1,0 +1,127 @@
+"""Masked updates of one managed weight, with torch.optim's own state tensors and hyper-parameters.
+
+SGD (momentum, dampening, nesterov, weight decay, maximize), Adam and AdamW are applied by our own
+kernels, which read lr / betas / weight decay from the param group at every step (so LR schedulers
+keep working) and keep the state in ``optimizer.state[param]`` under torch's names (so
+``optimizer.state_dict()`` stays valid). Anything else takes the documented fallback: the
+optimizer's own step on the masked gradient, then the mask re-applied to the weight and to every
+state tensor shaped like it.
+
+On CUDA the fused Triton kernels run; elsewhere the pure-PyTorch references (the test oracle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from resu_compile.kernels import reference
+
+
+class UpdateKernels(NamedTuple):
+    """The three update kernels for one device."""
+
+    masked_sgd_: Callable[..., None]
+    masked_adam_: Callable[..., None]
+    theta_update_: Callable[..., None]
+
+
+def kernels_for(device: torch.device) -> UpdateKernels:
+    """Fused Triton kernels on CUDA, the pure-PyTorch references elsewhere."""
+    if device.type == "cuda":
+        from resu_compile.kernels import fused_update as fused
+
+        return UpdateKernels(
+            fused.fused_masked_sgd_, fused.fused_masked_adam_, fused.fused_theta_update_
+        )
+    return UpdateKernels(reference.masked_sgd_, reference.masked_adam_, reference.theta_update_)
+
+
+def update_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str | None:
+    """ "sgd" or "adam" when our kernels reproduce this group's update exactly, else None."""
+    if group.get("differentiable") or group.get("capturable"):
+        return None
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and not group.get("amsgrad"):
+        return "adam"
+    return None
+
+
+def _scalar(value: Any) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def masked_update(
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    mask_bits: torch.Tensor | None,
+) -> None:
+    """One optimizer step of ``param`` on its active coordinates; pruned ones end exactly 0."""
+    rule = update_rule(optimizer, group)
+    kernels = kernels_for(param.device)
+    state = optimizer.state[param]
+    if rule == "sgd":
+        momentum = _scalar(group["momentum"])
+        buffer = state.get("momentum_buffer")
+        first_step = momentum != 0 and buffer is None
+        if first_step:
+            buffer = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = buffer
+        kernels.masked_sgd_(
+            param,
+            grad,
+            buffer if momentum != 0 else None,
+            mask_bits,
+            lr=_scalar(group["lr"]),
+            momentum=momentum,
+            dampening=_scalar(group["dampening"]),
+            weight_decay=_scalar(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+            first_step=first_step,
+        )
+        return
+    if rule == "adam":
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.optim.optimizer._get_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        kernels.masked_adam_(
+            param,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            mask_bits,
+            step=int(state["step"].item()),
+            lr=_scalar(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=_scalar(group["eps"]),
+            weight_decay=_scalar(group["weight_decay"]),
+            decoupled_weight_decay=bool(
+                group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+            ),
+            maximize=bool(group["maximize"]),
+        )
+        return
+    raise ValueError(
+        f"masked_update: {type(optimizer).__name__} has no masked kernel; use the fallback"
+    )
+
+
+def weight_shaped_state(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor
+) -> list[torch.Tensor]:
+    """Every optimizer state tensor of ``param`` with ``param``'s shape."""
+    return [
+        value
+        for value in optimizer.state.get(param, {}).values()
+        if isinstance(value, torch.Tensor) and value.shape == param.shape
+    ]

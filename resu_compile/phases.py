@@ -1,0 +1,351 @@
+"""Phase and PhaseController: the RESU schedule, its transitions and the optimizer step.
+
+The controller is the ``.resu`` handle users hold. It counts optimizer steps, runs the transitions
+of METHOD.md (prune, RESU entry, commit) between steps, eagerly and in place, and tells the
+compiled graphs which variant to run. Graph code never reads a phase flag, so switching phases
+never recompiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from resu_compile.config import ResuConfig
+from resu_compile.kernels.bits import pack_bits
+from resu_compile.method.amnesty import amnesty_mask, amnesty_scores
+from resu_compile.method.pruning import prune_mask
+from resu_compile.method.schedule import amnesty_budget, cycle_sparsities, keep_count
+from resu_compile.method.selective import initial_theta, select_trainable
+from resu_compile.optim.bridge import OptimizerBridge
+from resu_compile.report import render_report
+from resu_compile.state import ManagedWeight, StateManager
+
+STATE_FORMAT = 1
+
+# Options that change what a checkpoint's masks and theta mean: loading across them is refused.
+_METHOD_OPTIONS = (
+    "sparsity",
+    "cycles",
+    "schedule",
+    "criterion",
+    "distribution",
+    "selection",
+    "alpha",
+    "theta_optimizer",
+    "amnesty",
+    "amnesty_score",
+    "r_start",
+    "r_end",
+)
+
+
+class Phase(str, enum.Enum):
+    """Steady phases between transitions. PRUNE and COMMIT are instants, not phases."""
+
+    TRAIN = "train"
+    STABILIZE = "stabilize"
+    RESU = "resu"
+    DONE = "done"
+
+
+class PhaseController:
+    """Drives one compiled model through the RESU schedule (the ``model.resu`` handle)."""
+
+    def __init__(self, config: ResuConfig, param_names: dict[int, str] | None = None) -> None:
+        self.config = config
+        self.state = StateManager()
+        self._param_names = param_names or {}
+        self._sparsities = cycle_sparsities(config.sparsity, config.cycles, config.schedule)
+        self.phase = Phase.TRAIN
+        self.cycle = 0
+        self.step_count = 0
+        self.resu_steps = 0
+        self.target_sparsity = 0.0
+        self.nonfinite_steps = 0
+        self.history: list[dict[str, Any]] = []
+        self._calibrating = False
+        self._bridge = OptimizerBridge(self)
+
+    # -- what the compiled graphs ask -------------------------------------------------------
+
+    @property
+    def calibrating(self) -> bool:
+        return self._calibrating
+
+    def name_of(self, param: torch.Tensor, fallback: str) -> str:
+        return self._param_names.get(id(param), fallback)
+
+    @contextlib.contextmanager
+    def calibrate(self) -> Iterator[None]:
+        """Forward passes inside this block record each managed weight's input-column norms."""
+        if self._calibrating:
+            raise RuntimeError("calibrate(): already calibrating")
+        self._calibrating = True
+        try:
+            yield
+        finally:
+            self._calibrating = False
+
+    def input_norms(self, name: str) -> torch.Tensor:
+        """``||X_j||_2`` per input feature of managed weight ``name``, from calibrate passes."""
+        weight = self.state.by_name(name)
+        if weight.input_sq_norms is None:
+            raise RuntimeError(f"input_norms: no calibrate pass has recorded {name!r}")
+        return weight.input_sq_norms.sqrt()
+
+    # -- the user's loop --------------------------------------------------------------------
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Replaces ``optimizer.step()``: masked / RESU updates, then the schedule advances."""
+        self._bridge.step(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook ``optimizer`` so that a plain ``optimizer.step()`` does what :meth:`step` does."""
+        self._bridge.attach(optimizer)
+
+    def detach(self) -> None:
+        self._bridge.detach()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._bridge.optimizer
+
+    def after_step(self) -> None:
+        """Called by the bridge once per optimizer step."""
+        self.step_count += 1
+        if self.phase is Phase.RESU:
+            self.resu_steps += 1
+        self.advance()
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def current_target(self) -> float:
+        """Target sparsity of the current cycle (the final target once the schedule is done)."""
+        return self._sparsities[min(self.cycle, self.config.cycles - 1)]
+
+    def advance(self) -> None:
+        """Run every transition the step count has reached (automatic schedule only)."""
+        if self.config.manual:
+            return
+        length = self.config.cycle_length
+        train, stabilize, _ = self.config.phase_steps
+        while self.phase is not Phase.DONE:
+            start = self.cycle * length
+            if self.phase is Phase.TRAIN and self.step_count >= start + train:
+                self._prune(self.current_target())
+            elif self.phase is Phase.STABILIZE and self.step_count >= start + train + stabilize:
+                self._enter_resu()
+            elif self.phase is Phase.RESU and self.step_count >= start + length:
+                self._commit()
+            else:
+                break
+
+    # -- manual phase control ---------------------------------------------------------------
+
+    def prune(self, sparsity: float | None = None) -> None:
+        """Prune every managed weight to ``sparsity`` (default: this cycle's target)."""
+        self._require_manual("prune")
+        if self.phase is Phase.RESU:
+            raise RuntimeError("prune(): the RESU phase is running; call commit() first")
+        target = self.current_target() if sparsity is None else sparsity
+        if not isinstance(target, (int, float)) or not 0.0 <= target < 1.0:
+            raise ValueError(f"prune(): sparsity must be a number in [0, 1), got {target!r}")
+        self._require_managed("prune")
+        self._prune(float(target))
+
+    def enter_resu(self) -> None:
+        """Start the RESU phase: theta on the selected pruned coordinates, actives frozen."""
+        self._require_manual("enter_resu")
+        if self.phase is Phase.RESU:
+            raise RuntimeError("enter_resu(): the RESU phase is already running")
+        if not any(w.mask_bits is not None for w in self.state):
+            raise RuntimeError("enter_resu(): nothing is pruned yet; call prune() first")
+        self._enter_resu()
+
+    def commit(self) -> None:
+        """End the RESU phase with the amnesty tournament (or a merge if amnesty is off)."""
+        self._require_manual("commit")
+        if self.phase is not Phase.RESU:
+            raise RuntimeError(
+                f"commit(): only valid in the RESU phase (phase is {self.phase.value})"
+            )
+        self._commit()
+
+    def set_phase(self, phase: Phase | str) -> None:
+        """Move to ``phase``; RESU entry and exit go through enter_resu() / commit()."""
+        self._require_manual("set_phase")
+        try:
+            phase = Phase(phase)
+        except ValueError:
+            allowed = [p.value for p in Phase]
+            raise ValueError(
+                f"set_phase(): phase must be one of {allowed}, got {phase!r}"
+            ) from None
+        if phase is Phase.RESU:
+            self.enter_resu()
+            return
+        if self.phase is Phase.RESU:
+            raise RuntimeError("set_phase(): the RESU phase is running; call commit() to leave it")
+        self.phase = phase
+
+    def _require_manual(self, method: str) -> None:
+        if not self.config.manual:
+            raise RuntimeError(
+                f"{method}(): the schedule is automatic; build with manual=True to drive phases by hand"
+            )
+
+    def _require_managed(self, method: str) -> None:
+        if len(self.state) == 0:
+            raise ValueError(
+                f"{method}(): no managed weight found (run a forward pass first; "
+                f"report():\n{self.report()})"
+            )
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def _generator(self, weight: ManagedWeight, purpose: str) -> torch.Generator:
+        key = f"{self.config.seed}|{weight.name}|{self.cycle}|{purpose}".encode()
+        return torch.Generator().manual_seed(zlib.crc32(key))
+
+    @torch.no_grad()
+    def _prune(self, sparsity: float) -> None:
+        optimizer = self.optimizer
+        layers = {}
+        for weight in self.state:
+            mask = prune_mask(weight.param, weight.mask(), sparsity, self.config.criterion)
+            weight.set_mask(mask)
+            self._bridge.zero_coordinates(optimizer, weight.param, ~mask)
+            layers[weight.name] = weight.sparsity()
+        self.target_sparsity = sparsity
+        self.phase = Phase.STABILIZE
+        self._record("prune", target=sparsity, layers=layers)
+
+    @torch.no_grad()
+    def _enter_resu(self) -> None:
+        selected = {}
+        for weight in self.state:
+            mask = weight.mask()
+            if mask is None:
+                mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
+            pruned = ~mask
+            trainable = select_trainable(
+                pruned, self.config.selection, self.config.alpha, self._generator(weight, "select")
+            )
+            weight.param.masked_fill_(pruned, 0)
+            weight.param[trainable] = initial_theta(
+                weight.param,
+                mask,
+                trainable,
+                self.config.theta_init_eps,
+                self._generator(weight, "theta"),
+            )
+            weight.select_bits = pack_bits(trainable)
+            weight.theta_buffers.clear()
+            selected[weight.name] = int(trainable.sum())
+        self.resu_steps = 0
+        self.phase = Phase.RESU
+        self._record("resu", layers=selected)
+
+    @torch.no_grad()
+    def _commit(self) -> None:
+        config = self.config
+        budget = amnesty_budget(
+            min(self.cycle, config.cycles - 1), config.cycles, config.r_start, config.r_end
+        )
+        optimizer = self.optimizer
+        layers = {}
+        for weight in self.state:
+            old = weight.mask()
+            if old is None:
+                old = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
+            n_keep = keep_count(weight.numel, self.target_sparsity)
+            if config.amnesty:
+                scores = amnesty_scores(weight.param, config.amnesty_score)
+                new = amnesty_mask(scores, old, n_keep, budget).mask
+            else:
+                new = old | weight.selection()
+            resurrected = new & ~old
+            self._bridge.zero_coordinates(optimizer, weight.param, ~new)
+            self._bridge.zero_state(optimizer, weight, resurrected)
+            weight.set_mask(new)
+            weight.select_bits = None
+            weight.theta_buffers.clear()
+            old_pruned = int((~old).sum())
+            count = int(resurrected.sum())
+            layers[weight.name] = {
+                "target": self.target_sparsity,
+                "sparsity": weight.sparsity(),
+                "resurrected": count,
+                "resurrection_rate": count / old_pruned if old_pruned else 0.0,
+                "churn": int((new ^ old).sum()),
+                "budget": budget,
+            }
+        self._record("commit", budget=budget, layers=layers)
+        self.cycle += 1
+        self.phase = Phase.DONE if self.cycle >= config.cycles else Phase.TRAIN
+
+    def _record(self, event: str, **data: Any) -> None:
+        self.history.append({"event": event, "cycle": self.cycle, "step": self.step_count, **data})
+
+    # -- views ------------------------------------------------------------------------------
+
+    def masks(self) -> dict[str, torch.Tensor | None]:
+        """Bool mask per managed weight name (None while never pruned)."""
+        return {w.name: w.mask() for w in self.state}
+
+    def resurrected_per_cycle(self) -> list[int]:
+        """Total resurrected weights at each commit so far."""
+        return [
+            sum(layer["resurrected"] for layer in entry["layers"].values())
+            for entry in self.history
+            if entry["event"] == "commit"
+        ]
+
+    def report(self) -> str:
+        """Managed weights (name, shape, ops, sparsity) and skipped candidates with reasons."""
+        return render_report(self)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically (``torch.load(weights_only=True)``-safe)."""
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "phase": self.phase.value,
+            "cycle": self.cycle,
+            "step_count": self.step_count,
+            "resu_steps": self.resu_steps,
+            "target_sparsity": self.target_sparsity,
+            "nonfinite_steps": self.nonfinite_steps,
+            "history": self.history,
+            "weights": self.state.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; refuses (changing nothing) if it does not fit."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"load_state_dict: not a resu-compile controller state of format {STATE_FORMAT}"
+            )
+        saved, current = state["config"], self.config.to_dict()
+        for option in _METHOD_OPTIONS:
+            if saved.get(option) != current[option]:
+                raise ValueError(
+                    f"load_state_dict: option '{option}' differs: checkpoint {saved.get(option)!r}, "
+                    f"this model {current[option]!r}"
+                )
+        self.state.load_state_dict(state["weights"])
+        self.phase = Phase(state["phase"])
+        self.cycle = int(state["cycle"])
+        self.step_count = int(state["step_count"])
+        self.resu_steps = int(state["resu_steps"])
+        self.target_sparsity = float(state["target_sparsity"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.history = list(state["history"])

@@ -1,0 +1,167 @@
+"""StateManager: what RESU keeps per managed weight, keyed by Parameter identity.
+
+Per weight: the mask as packed bits (1 bit per weight: the only memory RESU adds in the default
+configuration), the RESU selection S as packed bits while the RESU phase runs, the input-column
+norms recorded by the calibrate variant, and theta-optimizer buffers when the user's optimizer has
+no free slot to hold them. Several Dynamo graphs (graph breaks, DDP buckets) find the same record
+through the Parameter object itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from resu_compile.kernels.bits import count_bits, pack_bits, unpack_bits
+
+
+@dataclass
+class ManagedWeight:
+    """One managed Parameter and its RESU state."""
+
+    name: str
+    param: torch.nn.Parameter
+    ops: list[str] = field(default_factory=list)
+    input_dim: int | None = None
+    mask_bits: torch.Tensor | None = None
+    select_bits: torch.Tensor | None = None
+    input_sq_norms: torch.Tensor | None = None
+    theta_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    def mask(self) -> torch.Tensor | None:
+        """Bool mask (True = active), or None while the weight has never been pruned."""
+        return None if self.mask_bits is None else unpack_bits(self.mask_bits, self.shape)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask_bits = pack_bits(mask)
+
+    def selection(self) -> torch.Tensor | None:
+        return None if self.select_bits is None else unpack_bits(self.select_bits, self.shape)
+
+    def active_count(self) -> int:
+        return self.numel if self.mask_bits is None else count_bits(self.mask_bits)
+
+    def sparsity(self) -> float:
+        return 1.0 - self.active_count() / self.numel
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shape": list(self.shape)}
+        for key in ("mask_bits", "select_bits", "input_sq_norms"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value.detach().cpu().clone()
+        for key, value in self.theta_buffers.items():
+            out[f"theta.{key}"] = value.detach().cpu().clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.param.device
+        for key in ("mask_bits", "select_bits", "input_sq_norms"):
+            value = state.get(key)
+            setattr(self, key, None if value is None else value.to(device).clone())
+        self.theta_buffers = {
+            key.removeprefix("theta."): value.to(device=device, dtype=self.param.dtype).clone()
+            for key, value in state.items()
+            if key.startswith("theta.")
+        }
+
+
+@dataclass(frozen=True)
+class SkippedCandidate:
+    """A parameter the pass saw and chose not to manage, with the reason shown in the report."""
+
+    name: str
+    shape: tuple[int, ...]
+    reason: str
+
+
+class StateManager:
+    """All managed weights of one compiled model, plus the candidates that were skipped."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, ManagedWeight] = {}
+        self._skipped: dict[str, SkippedCandidate] = {}
+        self._pending: dict[str, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self):
+        return iter(sorted(self._by_id.values(), key=lambda w: w.name))
+
+    def get(self, param: torch.Tensor) -> ManagedWeight | None:
+        return self._by_id.get(id(param))
+
+    def by_name(self, name: str) -> ManagedWeight:
+        for weight in self._by_id.values():
+            if weight.name == name:
+                return weight
+        raise KeyError(f"no managed weight named {name!r}; managed: {self.names()}")
+
+    def names(self) -> list[str]:
+        return [w.name for w in self]
+
+    def skipped(self) -> list[SkippedCandidate]:
+        return sorted(self._skipped.values(), key=lambda s: s.name)
+
+    def register(self, param: torch.nn.Parameter, name: str) -> ManagedWeight:
+        """Record ``param`` as managed; applies state loaded before the weight was seen."""
+        weight = self._by_id.get(id(param))
+        if weight is None:
+            weight = ManagedWeight(name=name, param=param)
+            pending = self._pending.pop(name, None)
+            if pending is not None:
+                _check_shape(name, pending, param)
+                weight.load_state_dict(pending)
+            self._by_id[id(param)] = weight
+            self._skipped.pop(name, None)
+        return weight
+
+    def skip(self, name: str, param: torch.Tensor, reason: str) -> None:
+        if id(param) not in self._by_id:
+            self._skipped[name] = SkippedCandidate(name, tuple(param.shape), reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {w.name: w.state_dict() for w in self}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        """Load per-weight state; weights not registered yet receive it when first seen.
+
+        Every registered weight's entry is checked before anything is assigned, so a mismatch
+        changes nothing.
+        """
+        registered = {w.name: w for w in self._by_id.values()}
+        missing = sorted(set(registered) - set(state))
+        if missing:
+            raise ValueError(
+                f"load_state_dict: checkpoint has no RESU state for managed weight {missing[0]!r}"
+            )
+        for name, entry in state.items():
+            if name in registered:
+                _check_shape(name, entry, registered[name].param)
+        for name, entry in state.items():
+            if name in registered:
+                registered[name].load_state_dict(entry)
+        self._pending = {n: e for n, e in state.items() if n not in registered}
+
+    def pending_names(self) -> list[str]:
+        return sorted(self._pending)
+
+
+def _check_shape(name: str, entry: dict[str, Any], param: torch.Tensor) -> None:
+    shape = tuple(entry.get("shape", ()))
+    if shape != tuple(param.shape):
+        raise ValueError(
+            f"load_state_dict: shape mismatch for {name!r}: checkpoint {shape}, "
+            f"model {tuple(param.shape)}"
+        )
