@@ -1,0 +1,43 @@
+"""Checks of METHOD.md's invariants, shared by the tests that train."""
+
+from __future__ import annotations
+
+import torch
+
+import resu_compile as resu
+from resu_compile.optim.updates import weight_shaped_state
+
+
+def assert_sparse_invariants(
+    controller: resu.PhaseController, optimizer: torch.optim.Optimizer
+) -> None:
+    """SPARSE phases: ``W[P] == 0`` and every optimizer state tensor shaped like W is 0 on P."""
+    for weight in controller.state:
+        mask = weight.mask()
+        if mask is None:
+            continue
+        pruned = ~mask
+        assert torch.count_nonzero(weight.param.detach()[pruned]) == 0, f"{weight.name}: W[P] != 0"
+        for state in weight_shaped_state(optimizer, weight.param):
+            assert torch.count_nonzero(state[pruned]) == 0, (
+                f"{weight.name}: optimizer state != 0 on P"
+            )
+
+
+def snapshot_active(controller: resu.PhaseController) -> dict[str, torch.Tensor]:
+    """Active values of every managed weight (to compare bit for bit across the RESU phase)."""
+    return {w.name: w.param.detach()[w.mask()].clone() for w in controller.state}
+
+
+def assert_resu_invariants(
+    controller: resu.PhaseController, active_at_entry: dict[str, torch.Tensor]
+) -> None:
+    """RESU phase: ``W[A]`` unchanged bit for bit; pruned coordinates outside S are 0."""
+    for weight in controller.state:
+        mask, selection = weight.mask(), weight.selection()
+        values = weight.param.detach()
+        assert torch.equal(values[mask], active_at_entry[weight.name]), (
+            f"{weight.name}: W[A] changed"
+        )
+        outside = ~mask & ~selection
+        assert torch.count_nonzero(values[outside]) == 0, f"{weight.name}: W[P \\ S] != 0"

@@ -1,0 +1,110 @@
+"""METHOD.md's invariants, bit for bit, after every optimizer step of multi-cycle runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resu_compile as resu
+from tests.invariants import assert_resu_invariants, assert_sparse_invariants, snapshot_active
+from tests.zoo import ZOO_BY_NAME
+
+OPTIMIZERS = {
+    "adamw_wd": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    "adam_l2": lambda params: torch.optim.Adam(params, lr=1e-2, weight_decay=0.01),
+    "sgd_momentum_wd": lambda params: torch.optim.SGD(
+        params, lr=0.05, momentum=0.9, weight_decay=1e-3
+    ),
+    "sgd_nesterov": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True),
+    "rmsprop_fallback": lambda params: torch.optim.RMSprop(params, lr=1e-3, momentum=0.5),
+}
+
+
+# Each user optimizer once, and each theta-optimizer both with and without free state slots.
+PAIRS = [
+    ("adamw_wd", "adamw"),
+    ("adam_l2", "momentum"),
+    ("sgd_momentum_wd", "momentum"),
+    ("sgd_nesterov", "adamw"),
+    ("rmsprop_fallback", "sgd"),
+]
+
+
+@pytest.mark.parametrize(("optimizer_name", "theta_optimizer"), PAIRS)
+def test_invariants_hold_after_every_step(optimizer_name: str, theta_optimizer: str) -> None:
+    entry = ZOO_BY_NAME["transformer"]
+    model = entry.build()
+    compiled = resu.compile(
+        model,
+        sparsity=0.7,
+        cycles=3,
+        steps_per_cycle=10,
+        theta_optimizer=theta_optimizer,
+        theta_lr=1e-2,
+        compiler="aot_eager",
+    )
+    controller = compiled.resu
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    active_at_entry = None
+    commits_seen = 0
+    for step in range(30):
+        loss = entry.loss_fn(compiled(*entry.make_batch(step)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        phase_before = controller.phase
+        controller.step(optimizer)
+        if phase_before is resu.Phase.RESU and controller.phase is resu.Phase.RESU:
+            assert_resu_invariants(controller, active_at_entry)
+        if controller.phase is resu.Phase.RESU and phase_before is not resu.Phase.RESU:
+            active_at_entry = snapshot_active(controller)
+            assert_resu_invariants(controller, active_at_entry)
+        if controller.phase is not resu.Phase.RESU:
+            assert_sparse_invariants(controller, optimizer)
+        if controller.history and controller.history[-1]["event"] == "commit":
+            commits_seen = len(controller.resurrected_per_cycle())
+    assert commits_seen == 3
+    assert controller.phase is resu.Phase.DONE
+    assert all(count > 0 for count in controller.resurrected_per_cycle())
+    for weight in controller.state:
+        assert weight.active_count() == int(0.3 * weight.numel)
+
+
+def test_resu_phase_moves_only_selected_theta_and_freezes_everything_else() -> None:
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.5, manual=True, theta_lr=0.1, compiler="aot_eager")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    compiled(*entry.make_batch(0))
+    compiled.resu.prune()
+    compiled.resu.enter_resu()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(3):
+        loss = entry.loss_fn(compiled(*entry.make_batch(step)))
+        optimizer.zero_grad()
+        loss.backward()
+        compiled.resu.step(optimizer)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.equal(param, before[name]), f"{name} moved although freeze_others=True"
+    for weight in compiled.resu.state:
+        moved = weight.param.detach() != before[weight.name]
+        assert moved.any()
+        assert not (moved & ~weight.selection()).any(), "a coordinate outside S moved"
+
+
+def test_mask_is_never_rebuilt_from_zero_values() -> None:
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.5, manual=True, compiler="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    compiled(*entry.make_batch(0))
+    compiled.resu.prune()
+    weight = compiled.resu.state.by_name("fc1.weight")
+    mask = weight.mask()
+    active_index = mask.reshape(-1).nonzero()[0]
+    with torch.no_grad():
+        weight.param.view(-1)[active_index] = 0.0  # a trained weight that happens to be exactly 0
+    loss = entry.loss_fn(compiled(*entry.make_batch(0)))
+    loss.backward()
+    compiled.resu.step(optimizer)
+    assert torch.equal(weight.mask(), mask)

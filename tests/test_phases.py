@@ -1,0 +1,170 @@
+"""Phase switching: graph variants, zero recompiles, manual control and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resu_compile as resu
+import resu_compile.backend as backend
+from tests.zoo import ZOO_BY_NAME
+
+
+def _train_step(compiled, model, optimizer, batch) -> None:
+    loss = compiled(*batch).pow(2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    compiled.resu.step(optimizer)
+
+
+def _cycle(compiled, model, optimizer, batch) -> None:
+    controller = compiled.resu
+    _train_step(compiled, model, optimizer, batch)
+    controller.prune()
+    _train_step(compiled, model, optimizer, batch)
+    controller.enter_resu()
+    _train_step(compiled, model, optimizer, batch)
+    with controller.calibrate():
+        compiled(*batch)
+    controller.commit()
+    _train_step(compiled, model, optimizer, batch)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer", "graph_break"])
+def test_cycling_every_phase_twice_after_warmup_never_recompiles(name: str) -> None:
+    entry = ZOO_BY_NAME[name]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.5, cycles=3, manual=True, compiler="aot_eager")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    batch = entry.make_batch(0)
+    _cycle(compiled, model, optimizer, batch)  # warm-up: every variant compiled once
+    with torch.compiler.set_stance("fail_on_recompile"):
+        _cycle(compiled, model, optimizer, batch)
+        _cycle(compiled, model, optimizer, batch)
+
+
+def test_rewrite_replaces_every_linear_use_with_the_resu_op(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built = []
+    original = backend.build_variant
+
+    def recording(gm, uses, norm_slots=None):
+        variant = original(gm, uses, norm_slots)
+        built.append((variant, norm_slots))
+        return variant
+
+    monkeypatch.setattr(backend, "build_variant", recording)
+    entry = ZOO_BY_NAME["conv1d_gpt2"]
+    compiled = resu.compile(entry.build(), sparsity=0.5, manual=True, compiler="aot_eager")
+    batch = entry.make_batch(0)
+    compiled(*batch)
+    with compiled.resu.calibrate():
+        compiled(*batch)
+    (train, _), (calibrate, slots) = built
+    targets = [n.target for n in train.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.resu.linear.default) == 2
+    assert torch.addmm not in targets
+    calibrate_targets = [n.target for n in calibrate.graph.nodes if n.op == "call_function"]
+    assert calibrate_targets.count(torch.ops.resu.accumulate_input_sq_norms.default) == 2
+    assert len(slots) == 2
+
+
+def test_calibrate_records_input_column_norms_of_every_token() -> None:
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.5, manual=True, compiler="aot_eager")
+    batches = [entry.make_batch(0), entry.make_batch(1)]
+    compiled(*batches[0])
+    with compiled.resu.calibrate():
+        for batch in batches:
+            compiled(*batch)
+    inputs = torch.cat([b[0] for b in batches])
+    torch.testing.assert_close(compiled.resu.input_norms("fc1.weight"), inputs.pow(2).sum(0).sqrt())
+    hidden = F.relu(model.fc1(inputs))
+    torch.testing.assert_close(
+        compiled.resu.input_norms("fc2.weight"),
+        hidden.detach().pow(2).sum(0).sqrt(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_gpt2_conv1d_input_norms_follow_the_in_out_storage() -> None:
+    entry = ZOO_BY_NAME["conv1d_gpt2"]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.5, manual=True, compiler="aot_eager")
+    (x,) = entry.make_batch(0)
+    compiled(x)
+    with compiled.resu.calibrate():
+        compiled(x)
+    weight = compiled.resu.state.by_name("c_fc.weight")
+    assert weight.input_dim == 0  # Conv1D stores (in, out)
+    torch.testing.assert_close(
+        compiled.resu.input_norms("c_fc.weight"), x.reshape(-1, x.shape[-1]).pow(2).sum(0).sqrt()
+    )
+
+
+def test_manual_methods_called_out_of_order_raise_and_change_nothing() -> None:
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.5, manual=True, compiler="aot_eager")
+    compiled(*entry.make_batch(0))
+    controller = compiled.resu
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="nothing is pruned"):
+        controller.enter_resu()
+    with pytest.raises(RuntimeError, match="only valid in the RESU phase"):
+        controller.commit()
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        controller.prune(1.5)
+    with pytest.raises(ValueError, match="phase must be one of"):
+        controller.set_phase("pruning")
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name])
+    assert controller.phase is resu.Phase.TRAIN and all(
+        m is None for m in controller.masks().values()
+    )
+    controller.prune()
+    controller.enter_resu()
+    with pytest.raises(RuntimeError, match="already running"):
+        controller.enter_resu()
+    with pytest.raises(RuntimeError, match="call commit"):
+        controller.prune()
+    with pytest.raises(RuntimeError, match="call commit"):
+        controller.set_phase(resu.Phase.TRAIN)
+
+
+def test_automatic_schedule_refuses_manual_calls() -> None:
+    entry = ZOO_BY_NAME["mlp"]
+    compiled = resu.compile(entry.build(), sparsity=0.5, steps_per_cycle=10, compiler="aot_eager")
+    compiled(*entry.make_batch(0))
+    with pytest.raises(RuntimeError, match="manual=True"):
+        compiled.resu.prune()
+
+
+def test_automatic_schedule_runs_the_phases_at_the_configured_steps() -> None:
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.6, cycles=2, steps_per_cycle=10, compiler="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    phases = []
+    for _ in range(20):
+        _train_step(compiled, model, optimizer, entry.make_batch(0))
+        phases.append(compiled.resu.phase.value)
+    # 60 / 10 / 30 % of 10 steps: prune after step 6, RESU after step 7, commit after step 10.
+    expected = ["train"] * 5 + ["stabilize"] + ["resu"] * 3 + ["train"]
+    expected += ["train"] * 5 + ["stabilize"] + ["resu"] * 3 + ["done"]
+    assert phases == expected
+    events = [(e["event"], e["step"]) for e in compiled.resu.history]
+    assert events == [
+        ("prune", 6),
+        ("resu", 7),
+        ("commit", 10),
+        ("prune", 16),
+        ("resu", 17),
+        ("commit", 20),
+    ]
+    for weight in compiled.resu.state:
+        assert weight.active_count() == int((1 - 0.6) * weight.numel)
