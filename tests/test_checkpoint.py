@@ -75,7 +75,7 @@ def test_resume_from_checkpoint_is_bit_identical(theta_optimizer: str, save_at: 
 
 
 def test_loading_a_checkpoint_of_another_method_fails_and_changes_nothing() -> None:
-    entry, model, compiled, optimizer = _build("sgd")
+    entry, _, compiled, optimizer = _build("sgd")
     _train(entry, compiled, optimizer, range(8))
     state = compiled.resu.state_dict()
     torch._dynamo.reset()
@@ -91,13 +91,13 @@ def test_loading_a_checkpoint_of_another_method_fails_and_changes_nothing() -> N
 
 
 def test_loading_a_checkpoint_with_other_shapes_fails_and_changes_nothing() -> None:
-    entry, model, compiled, optimizer = _build("sgd")
+    entry, _, compiled, optimizer = _build("sgd")
     _train(entry, compiled, optimizer, range(8))
     state = compiled.resu.state_dict()
     state["weights"]["fc2.weight"]["shape"] = [3, 3]
     torch._dynamo.reset()
     _, _, fresh, _ = _build("sgd")
     fresh(*entry.make_batch(0))
-    with pytest.raises(ValueError, match="shape mismatch for 'fc2.weight'"):
+    with pytest.raises(ValueError, match=r"shape mismatch for 'fc2\.weight'"):
         fresh.resu.load_state_dict(state)
     assert all(mask is None for mask in fresh.resu.masks().values())

@@ -81,7 +81,7 @@ def test_conv_only_model_reports_no_managed_weight_at_step() -> None:
 def test_non_float_weight_selected_by_include_is_refused() -> None:
     model = ZOO_BY_NAME["mlp"].build()
     model.codes = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="include selects 'codes' of dtype torch.int8"):
+    with pytest.raises(ValueError, match=r"include selects 'codes' of dtype torch\.int8"):
         resu.compile(model, include=["fc*", "codes"])
 
 
@@ -111,7 +111,7 @@ def test_step_with_something_that_is_not_an_optimizer_raises() -> None:
     entry = ZOO_BY_NAME["mlp"]
     compiled = resu.compile(entry.build(), compiler="aot_eager")
     compiled(*entry.make_batch(0))
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
         compiled.resu.step("sgd")
 
 
