@@ -125,3 +125,19 @@ def test_tied_weight_used_twice_as_matmul_weight_is_one_managed_weight() -> None
     assert compiled.resu.state.names() == ["a.weight"]
     compiled.resu.prune(0.5)
     assert compiled.resu.masks()["a.weight"].sum() == 32
+
+
+def test_two_models_compiled_with_the_same_backend_options_get_separate_controllers() -> None:
+    # Dynamo shares compiled code between equal backends; each model still gets its own state.
+    options = {"compiler": "aot_eager", "manual": True}
+    first, second = (
+        torch.nn.Sequential(torch.nn.Linear(4, 4)),
+        torch.nn.Sequential(torch.nn.Linear(4, 4)),
+    )
+    torch.compile(first, backend="resu", options=options)(torch.randn(2, 4))
+    torch.compile(second, backend="resu", options=options)(torch.randn(2, 4))
+    controller_a, controller_b = resu.controller(first), resu.controller(second)
+    assert controller_a is not controller_b
+    assert controller_b.state.get(second[0].weight) is not None
+    controller_a.prune(0.5)
+    assert controller_b.masks() == {"0.weight": None}
