@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import ZOO, ZOO_BY_NAME, ZooEntry
+from tests.zoo import ZOO, ZOO_BY_NAME, ZooEntry
 
 
 @pytest.fixture(params=ZOO, ids=lambda entry: entry.name)

@@ -177,7 +177,7 @@ class OptimizerBridge:
             for slot in (exp_avg, exp_avg_sq):
                 if slot is not None and pruned is not None:
                     slot.masked_fill_(pruned, 0)
-        kernels_for(weight.param.device).theta_update_(
+        kernels_for(weight.param).theta_update_(
             weight.param,
             grad,
             weight.select_bits,

@@ -28,9 +28,9 @@ class UpdateKernels(NamedTuple):
     theta_update_: Callable[..., None]
 
 
-def kernels_for(device: torch.device) -> UpdateKernels:
-    """Fused Triton kernels on CUDA, the pure-PyTorch references elsewhere."""
-    if device.type == "cuda":
+def kernels_for(param: torch.Tensor) -> UpdateKernels:
+    """Fused Triton kernels for contiguous CUDA weights, the pure-PyTorch references otherwise."""
+    if param.is_cuda and param.is_contiguous():
         from resu_compile.kernels import fused_update as fused
 
         return UpdateKernels(
@@ -63,7 +63,7 @@ def masked_update(
 ) -> None:
     """One optimizer step of ``param`` on its active coordinates; pruned ones end exactly 0."""
     rule = update_rule(optimizer, group)
-    kernels = kernels_for(param.device)
+    kernels = kernels_for(param)
     state = optimizer.state[param]
     if rule == "sgd":
         momentum = _scalar(group["momentum"])

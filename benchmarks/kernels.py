@@ -1,0 +1,213 @@
+"""Bandwidth of the fused masked updates and speed of the sort-free top-k threshold (GPU only).
+
+The update kernels are memory bound, so the figure of merit is achieved bandwidth against the copy
+ceiling measured in the same run (a large device-to-device ``copy_``, bytes read + written). Bytes
+are counted as the kernel must move them: parameter read + write, gradient read, each state read +
+write, and N/8 bytes of mask. Masks are random at 50% density, which still touches every 32-byte
+sector, so the dense byte count is the traffic. A theta step on a 20% selection skips most sectors,
+so it is reported as time only. Times are ``triton.testing.do_bench`` medians (L2 flushed per run).
+
+Usage (on the GPU machine): ``python benchmarks/kernels.py [--out benchmarks/results/kernels.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from tabulate import tabulate
+from triton.testing import do_bench
+
+from resu_compile.kernels.bits import pack_bits
+from resu_compile.kernels.fused_update import (
+    fused_masked_adam_,
+    fused_masked_sgd_,
+    fused_theta_update_,
+)
+from resu_compile.kernels.select import count_at_least, topk_threshold_approx
+
+SHAPES = [(4096, 4096), (16_000_000,)]  # the second is not a power of two: tail blocks count too
+DTYPES = [torch.bfloat16, torch.float32]
+COPY_BYTES = 1 << 30
+TOPK_N = 1 << 24
+TOPK_FRACTIONS = [0.2, 0.5]  # alpha of selective RESU and k_screen of the consistency rule
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    return float(do_bench(fn, return_mode="median"))
+
+
+def _copy_ceiling_gbps() -> float:
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    return 2 * COPY_BYTES / ms / 1e6
+
+
+def _update_cases(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> list[tuple[str, int | None, Callable]]:
+    """(name, bytes moved or None, callable) for each update kernel on fresh tensors."""
+    n = 1
+    for size in shape:
+        n *= size
+    es = torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand() -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device="cuda").to(dtype)
+
+    mask = torch.rand(shape, generator=gen, device="cuda") < 0.5
+    bits = pack_bits(mask)
+    dense_bits = pack_bits(torch.ones(shape, dtype=torch.bool, device="cuda"))
+    sparse_sel = pack_bits(torch.rand(shape, generator=gen, device="cuda") < 0.2)
+    p, g, m, v = rand() * mask, rand(), rand() * mask, rand().abs() * mask
+    mask_bytes = bits.numel()
+    adam_kw = dict(
+        step=10,
+        lr=1e-4,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=1e-2,
+        decoupled_weight_decay=True,
+        maximize=False,
+    )
+    sgd_kw = dict(
+        lr=1e-4,
+        momentum=0.9,
+        dampening=0.0,
+        weight_decay=1e-4,
+        nesterov=False,
+        maximize=False,
+        first_step=False,
+    )
+    theta_kw = dict(rule="adamw", lr=1e-4, step=10, exp_avg=m, exp_avg_sq=v, weight_decay=1e-2)
+    steps = torch.zeros((), dtype=torch.float32, device="cuda")
+    return [
+        (
+            "masked SGD momentum",
+            5 * es * n + mask_bytes,
+            lambda: fused_masked_sgd_(p, g, m, bits, **sgd_kw),
+        ),
+        (
+            "masked AdamW",
+            7 * es * n + mask_bytes,
+            lambda: fused_masked_adam_(p, g, m, v, bits, **adam_kw),
+        ),
+        (
+            "theta AdamW, all selected",
+            7 * es * n + mask_bytes,
+            lambda: fused_theta_update_(p, g, dense_bits, **theta_kw),
+        ),
+        (
+            "theta AdamW, 20% selected",
+            None,
+            lambda: fused_theta_update_(p, g, sparse_sel, **theta_kw),
+        ),
+        (
+            "torch _fused_adamw_ (dense, no mask)",
+            7 * es * n,
+            lambda: torch._fused_adamw_(
+                [p],
+                [g],
+                [m],
+                [v],
+                [],
+                [steps],
+                lr=1e-4,
+                beta1=0.9,
+                beta2=0.999,
+                weight_decay=1e-2,
+                eps=1e-8,
+                amsgrad=False,
+                maximize=False,
+            ),
+        ),
+    ]
+
+
+def _bench_updates(ceiling: float) -> list[dict]:
+    rows = []
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for name, nbytes, fn in _update_cases(shape, dtype):
+                ms = _median_ms(fn)
+                gbps = None if nbytes is None else nbytes / ms / 1e6
+                rows.append(
+                    {
+                        "kernel": name,
+                        "shape": "x".join(map(str, shape)),
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "ms": ms,
+                        "bytes": nbytes,
+                        "GB/s": gbps,
+                        "% of copy": None if gbps is None else 100 * gbps / ceiling,
+                    }
+                )
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_topk() -> list[dict]:
+    values = torch.randn(
+        TOPK_N, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda"
+    ).abs()
+    rows = []
+    for fraction in TOPK_FRACTIONS:
+        k = int(fraction * TOPK_N)
+        t = topk_threshold_approx(values, k)
+        error = (count_at_least(values, t) - k) / k
+        cases = {
+            "topk_threshold_approx": lambda k=k: topk_threshold_approx(values, k),
+            "torch.topk (sorted=False)": lambda k=k: torch.topk(values, k, sorted=False),
+            "torch.kthvalue": lambda k=k: torch.kthvalue(values, TOPK_N - k + 1),
+        }
+        for name, fn in cases.items():
+            rows.append(
+                {
+                    "method": name,
+                    "n": TOPK_N,
+                    "k": k,
+                    "ms": _median_ms(fn),
+                    "count error": error if name == "topk_threshold_approx" else 0.0,
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+
+    ceiling = _copy_ceiling_gbps()
+    updates = _bench_updates(ceiling)
+    topk = _bench_topk()
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_ceiling_GBps": ceiling,
+        "updates": updates,
+        "topk": topk,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{result['gpu']}  torch {result['torch']}  triton {result['triton']}  -> {args.out}")
+    print(f"copy ceiling: {ceiling:.0f} GB/s (read + write)\n")
+    print(tabulate(topk, headers="keys", floatfmt=".4g"))
+    print()
+    print(tabulate(updates, headers="keys", floatfmt=".4g"))
+
+
+if __name__ == "__main__":
+    main()
