@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tests.zoo import ZOO, ZOO_BY_NAME, ZooEntry
 
 
