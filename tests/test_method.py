@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resu_compile.method.amnesty import amnesty_mask
 from resu_compile.method.pruning import prune_mask
@@ -91,3 +93,19 @@ def test_amnesty_shortfall_is_filled_from_pruned_then_active() -> None:
     scores = torch.arange(10, dtype=torch.float32)
     result = amnesty_mask(scores, old, n_keep=6, budget=0.5)
     assert result.mask.nonzero().squeeze(1).tolist() == [4, 5, 6, 7, 8, 9]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scores=st.lists(st.integers(0, 4), min_size=1, max_size=200),
+    eligible_bits=st.lists(st.booleans(), min_size=200, max_size=200),
+    k=st.integers(0, 210),
+)
+def test_topk_mask_equals_a_stable_sort_reference(scores, eligible_bits, k) -> None:
+    values = torch.tensor(scores, dtype=torch.float32)
+    eligible = torch.tensor(eligible_bits[: len(scores)])
+    candidates = eligible.nonzero().squeeze(1)
+    order = torch.sort(values[candidates], descending=True, stable=True).indices
+    expected = torch.zeros(len(scores), dtype=torch.bool)
+    expected[candidates[order[:k]]] = True
+    assert torch.equal(topk_mask(values, k, eligible), expected)

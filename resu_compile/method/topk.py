@@ -9,18 +9,27 @@ def topk_mask(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None
     """Bool mask of ``scores``' shape with exactly ``min(k, #eligible)`` True entries.
 
     The chosen entries are the ``k`` largest scores among ``eligible`` (all, if None); equal scores
-    are broken by the lower flat index, so the result never depends on sort stability.
+    are broken by the lower flat index. No sort: ``torch.topk`` finds the k-th largest value, every
+    score above it is chosen, and the ties at it are taken in index order by a running count, so
+    the cost is one selection plus a few elementwise passes (transitions stay cheap on the GPU).
     """
-    flat = scores.reshape(-1)
-    if eligible is None:
-        candidates = torch.arange(flat.numel(), device=flat.device)
-    else:
-        candidates = eligible.reshape(-1).nonzero().squeeze(1)
-    k = max(0, min(int(k), candidates.numel()))
+    flat = scores.reshape(-1).float()
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if eligible is not None:
+        eligible = eligible.reshape(-1)
+        flat = flat.masked_fill(~eligible, float("-inf"))
+        available = int(eligible.sum())
+    else:
+        available = flat.numel()
+    k = max(0, min(int(k), available))
     if k == 0:
         return chosen.reshape(scores.shape)
-    # Stable descending sort keeps index order among equal scores.
-    order = torch.sort(flat[candidates].float(), descending=True, stable=True).indices
-    chosen[candidates[order[:k]]] = True
+    kth = torch.topk(flat, k, sorted=False).values.min()
+    above = flat > kth
+    ties = flat == kth
+    if eligible is not None:
+        above &= eligible
+        ties &= eligible
+    needed = k - above.sum()
+    chosen = above | (ties & (ties.cumsum(0, dtype=torch.int64) <= needed))
     return chosen.reshape(scores.shape)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from resu_compile.optim.updates import (
+    HostSteps,
     kernels_for,
     masked_update,
     update_rule,
@@ -43,6 +44,7 @@ class OptimizerBridge:
         self._stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._groups: dict[int, dict[str, Any]] = {}
         self._skip_managed = False
+        self._host_steps = HostSteps()
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -161,6 +163,7 @@ class OptimizerBridge:
                     weight.param,
                     taken[1],
                     weight.mask_bits,
+                    self._host_steps,
                 )
             elif weight.mask_bits is not None and weight.param.grad is not None:
                 # Fallback optimizers stepped the masked gradient; re-apply the mask everywhere.

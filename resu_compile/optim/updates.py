@@ -54,12 +54,33 @@ def _scalar(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+class HostSteps:
+    """Host copies of Adam's ``state["step"]`` counters.
+
+    The kernels take the step as a host number (for the bias corrections). Fused and capturable
+    Adam keep ``state["step"]`` on the GPU, where reading it every step would sync the device once
+    per weight; the mirror reads it once (first use, or after the tensor was replaced by a reload)
+    and counts on the host from then on, while the device counter is still advanced in place.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def advance(self, param: torch.Tensor, step: torch.Tensor) -> int:
+        entry = self._seen.get(id(param))
+        value = entry[1] if entry is not None and entry[0] is step else int(step.item())
+        step += 1
+        self._seen[id(param)] = (step, value + 1)
+        return value + 1
+
+
 def masked_update(
     optimizer: torch.optim.Optimizer,
     group: dict[str, Any],
     param: torch.Tensor,
     grad: torch.Tensor,
     mask_bits: torch.Tensor | None,
+    host_steps: HostSteps,
 ) -> None:
     """One optimizer step of ``param`` on its active coordinates; pruned ones end exactly 0."""
     rule = update_rule(optimizer, group)
@@ -91,7 +112,7 @@ def masked_update(
             state["step"] = torch.tensor(0.0, dtype=torch.optim.optimizer._get_scalar_dtype())
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["step"] += 1
+        step = host_steps.advance(param, state["step"])
         beta1, beta2 = (_scalar(b) for b in group["betas"])
         kernels.masked_adam_(
             param,
@@ -99,7 +120,7 @@ def masked_update(
             state["exp_avg"],
             state["exp_avg_sq"],
             mask_bits,
-            step=int(state["step"].item()),
+            step=step,
             lr=_scalar(group["lr"]),
             beta1=beta1,
             beta2=beta2,
