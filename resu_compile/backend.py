@@ -9,6 +9,7 @@ current phase needs. Variants are compiled once and cached; a phase switch is a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import torch.fx as fx
 
 from resu_compile.config import ResuConfig
 from resu_compile.passes.match import WeightCandidate, find_weight_candidates
-from resu_compile.passes.rewrite import build_variant
+from resu_compile.passes.rewrite import VariantSpec, build_variant
 from resu_compile.passes.select import skip_reason
 from resu_compile.phases import PhaseController
 from resu_compile.state import ManagedWeight
@@ -77,8 +78,20 @@ def source_name(source: Any) -> str | None:
     return ".".join(reversed(parts)) or None
 
 
+# The variants a graph can run, by the name PhaseController.graph_variant() returns.
+VARIANTS = {
+    "dense": VariantSpec(),
+    "sparse": VariantSpec(mask_gradients=True),
+    "calibrate": VariantSpec(record_norms=True),
+}
+
+
 class GraphDispatcher:
-    """What the backend returns for one Dynamo graph: runs the variant the phase needs."""
+    """What the backend returns for one Dynamo graph: runs the variant the phase needs.
+
+    The first variant (the one for the phase in force) compiles now, inside Dynamo's tracing
+    context; the others compile on first use, inside that saved context, and are cached.
+    """
 
     def __init__(
         self,
@@ -89,32 +102,45 @@ class GraphDispatcher:
     ) -> None:
         self._gm = gm
         self._example_inputs = list(example_inputs)
+        self._config = controller.config
         self._inner = inner_compiler(controller.config.compiler)
         self._slots = managed
+        self._placeholders = [candidate.placeholder for _, candidate, _ in managed]
         self._uses = [use for _, candidate, _ in managed for use in candidate.linear_uses]
         self._bindings: dict[int, tuple[PhaseController, list[ManagedWeight]]] = {}
-        self._config = controller.config
         if managed:
-            index = managed[0][0]
-            self._bindings[id(example_inputs[index])] = (controller, [w for _, _, w in managed])
+            self._bindings[id(example_inputs[managed[0][0]])] = (
+                controller,
+                [w for _, _, w in managed],
+            )
         self._tracing_context = torch._guards.TracingContext.try_get()
-        self._train = self._inner(build_variant(gm, self._uses), self._example_inputs)
-        self._calibrate: Callable[..., Any] | None = None
+        self._variants: dict[str, Callable[..., Any]] = {}
+        self._variant(
+            controller.graph_variant() if managed else "dense", [w for _, _, w in managed]
+        )
 
     def __call__(self, *args: Any) -> Any:
         if not self._slots:
-            return self._train(*args)
+            return self._variants["dense"](*args)
         controller, weights = self._binding(args)
-        if not controller.calibrating:
-            return self._train(*args)
-        for weight in weights:
-            if weight.input_sq_norms is None:
-                features = weight.shape[weight.input_dim] if weight.input_dim is not None else 0
-                weight.input_sq_norms = torch.zeros(
-                    features, dtype=torch.float32, device=weight.param.device
-                )
-        norms = [weight.input_sq_norms for weight in weights]
-        return self._calibrate_variant()(*args, *norms)
+        name = controller.graph_variant()
+        return self._variant(name, weights)(*args, *_extra_inputs(VARIANTS[name], weights))
+
+    def _variant(self, name: str, weights: list[ManagedWeight]) -> Callable[..., Any]:
+        compiled = self._variants.get(name)
+        if compiled is None:
+            spec = VARIANTS[name]
+            spec = dataclasses.replace(spec, resu_linear=self._config.linear_op == "resu")
+            variant = build_variant(self._gm, self._placeholders, self._uses, spec)
+            inputs = [*self._example_inputs, *_extra_inputs(spec, weights)]
+            with contextlib.ExitStack() as stack:
+                if (
+                    self._tracing_context is not None
+                    and torch._guards.TracingContext.try_get() is None
+                ):
+                    stack.enter_context(torch._guards.tracing(self._tracing_context))
+                compiled = self._variants[name] = self._inner(variant, inputs)
+        return compiled
 
     def _binding(self, args: tuple[Any, ...]) -> tuple[PhaseController, list[ManagedWeight]]:
         """Controller and weights for the parameters passed in this call.
@@ -135,19 +161,16 @@ class GraphDispatcher:
             binding = self._bindings[id(first)] = (controller, weights)
         return binding
 
-    def _calibrate_variant(self) -> Callable[..., Any]:
-        if self._calibrate is None:
-            slots = {
-                id(candidate.placeholder): i for i, (_, candidate, _) in enumerate(self._slots)
-            }
-            variant = build_variant(self._gm, self._uses, norm_slots=slots)
-            _, weights = next(iter(self._bindings.values()))
-            inputs = [*self._example_inputs, *(w.input_sq_norms for w in weights)]
-            with contextlib.ExitStack() as stack:
-                if self._tracing_context is not None:
-                    stack.enter_context(torch._guards.tracing(self._tracing_context))
-                self._calibrate = self._inner(variant, inputs)
-        return self._calibrate
+
+def _extra_inputs(spec: VariantSpec, weights: list[ManagedWeight]) -> list[torch.Tensor]:
+    """The per-weight tensors a variant takes after Dynamo's inputs."""
+    extra: list[torch.Tensor] = []
+    for kind in spec.extra_inputs:
+        if kind == "mask_bits":
+            extra += [w.mask_bits_or_all_active() for w in weights]
+        else:
+            extra += [w.input_norm_buffer() for w in weights]
+    return extra
 
 
 def _owner_of(param: torch.Tensor) -> PhaseController | None:
@@ -176,7 +199,11 @@ def compile_graph(
         name = controller.name_of(candidate.param, fallback or candidate.placeholder.name)
         reason = skip_reason(candidate, name, controller.config)
         if reason is not None:
-            # A weight managed from an earlier graph stays managed; it is just not rewritten here.
+            # A weight managed from an earlier graph stays managed but is not rewritten here, so
+            # this graph's gradient contribution is not masked: the optimizer step masks it.
+            known = controller.state.get(candidate.param)
+            if known is not None:
+                known.graph_masked = False
             controller.state.skip(name, candidate.param, reason)
             continue
         weight = controller.state.register(candidate.param, name)

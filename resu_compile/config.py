@@ -23,6 +23,8 @@ SELECTIONS = ("random", "all")
 THETA_OPTIMIZERS = ("sgd", "momentum", "adamw")
 AMNESTY_SCORES = ("magnitude",)
 NAN_POLICIES = ("skip", "raise")
+GRADIENT_MASKS = ("graph", "optimizer")
+LINEAR_OPS = ("aten", "resu")
 
 
 def _require(condition: bool, option: str, allowed: str, value: Any) -> None:
@@ -71,6 +73,13 @@ class ResuConfig:
             gradients hold NaN/Inf (and counts it); "raise" raises instead.
     Compiler:
         compiler: inner compiler the rewritten graphs are handed to.
+        gradient_mask: where sparse phases zero the pruned gradients: "graph" (in the compiled
+            backward, fused into the kernel that writes the gradient; the user's optimizer then
+            steps every weight as usual) or "optimizer" (our fused masked SGD / Adam / AdamW
+            kernel per weight). benchmarks/overhead.py measures both.
+        linear_op: "aten" keeps the captured matmuls; "resu" routes linear-like uses through the
+            ``resu::linear`` custom op (the extension point for storage modes that keep theta
+            apart). benchmarks/overhead.py measures both.
     """
 
     sparsity: float = 0.7
@@ -99,6 +108,8 @@ class ResuConfig:
     seed: int = 0
     nan_policy: str = "skip"
     compiler: str = "inductor"
+    gradient_mask: str = "graph"
+    linear_op: str = "aten"
 
     def __post_init__(self) -> None:
         if isinstance(self.schedule, list):
@@ -241,6 +252,8 @@ class ResuConfig:
             ("amnesty_score", AMNESTY_SCORES),
             ("nan_policy", NAN_POLICIES),
             ("compiler", COMPILERS),
+            ("gradient_mask", GRADIENT_MASKS),
+            ("linear_op", LINEAR_OPS),
         ):
             value = getattr(self, name)
             _require(value in allowed, name, f"one of {allowed}", value)

@@ -70,6 +70,7 @@ class PhaseController:
         self.nonfinite_steps = 0
         self.history: list[dict[str, Any]] = []
         self._calibrating = False
+        self._pruned = False
         self._bridge = OptimizerBridge(self)
 
     # -- what the compiled graphs ask -------------------------------------------------------
@@ -77,6 +78,19 @@ class PhaseController:
     @property
     def calibrating(self) -> bool:
         return self._calibrating
+
+    def graph_variant(self) -> str:
+        """The graph variant the current phase runs (see ``backend.VARIANTS``)."""
+        if self._calibrating:
+            return "calibrate"
+        if self.phase is not Phase.RESU and self.config.gradient_mask == "graph" and self.pruned:
+            return "sparse"
+        return "dense"
+
+    @property
+    def pruned(self) -> bool:
+        """Whether masks exist (from the first prune on)."""
+        return self._pruned
 
     def name_of(self, param: torch.Tensor, fallback: str) -> str:
         return self._param_names.get(id(param), fallback)
@@ -164,7 +178,7 @@ class PhaseController:
         self._require_manual("enter_resu")
         if self.phase is Phase.RESU:
             raise RuntimeError("enter_resu(): the RESU phase is already running")
-        if not any(w.mask_bits is not None for w in self.state):
+        if not self._pruned:
             raise RuntimeError("enter_resu(): nothing is pruned yet; call prune() first")
         self._enter_resu()
 
@@ -223,6 +237,7 @@ class PhaseController:
             self._bridge.zero_coordinates(optimizer, weight.param, ~mask)
             layers[weight.name] = weight.sparsity()
         self.target_sparsity = sparsity
+        self._pruned = True
         self.phase = Phase.STABILIZE
         self._record("prune", target=sparsity, layers=layers)
 
@@ -349,3 +364,4 @@ class PhaseController:
         self.target_sparsity = float(state["target_sparsity"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.history = list(state["history"])
+        self._pruned = any("mask_bits" in entry for entry in state["weights"].values())

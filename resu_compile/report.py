@@ -26,7 +26,9 @@ def render_report(controller: PhaseController) -> str:
         f"phase={controller.phase.value} cycle={controller.cycle}/{controller.config.cycles} "
         f"step={controller.step_count} target={controller.current_target():.4f}",
         "Managed weights:",
-        tabulate(managed, headers=["name", "shape", "ops", "sparsity", "active"])
+        tabulate(
+            managed, headers=["name", "shape", "ops", "sparsity", "active"], disable_numparse=True
+        )
         if managed
         else "  (none yet: run a forward pass)",
     ]

@@ -29,6 +29,8 @@ class ManagedWeight:
     select_bits: torch.Tensor | None = None
     input_sq_norms: torch.Tensor | None = None
     theta_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    graph_masked: bool = True
+    _all_active_bits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -44,6 +46,25 @@ class ManagedWeight:
 
     def set_mask(self, mask: torch.Tensor) -> None:
         self.mask_bits = pack_bits(mask)
+
+    def mask_bits_or_all_active(self) -> torch.Tensor:
+        """The packed mask, or all-ones bits for a weight not pruned yet (graph inputs need one)."""
+        if self.mask_bits is not None:
+            return self.mask_bits
+        if self._all_active_bits is None:
+            self._all_active_bits = pack_bits(
+                torch.ones(self.shape, dtype=torch.bool, device=self.param.device)
+            )
+        return self._all_active_bits
+
+    def input_norm_buffer(self) -> torch.Tensor:
+        """float32 accumulator of squared input-column norms (empty without a linear use)."""
+        if self.input_sq_norms is None:
+            features = self.shape[self.input_dim] if self.input_dim is not None else 0
+            self.input_sq_norms = torch.zeros(
+                features, dtype=torch.float32, device=self.param.device
+            )
+        return self.input_sq_norms
 
     def selection(self) -> torch.Tensor | None:
         return None if self.select_bits is None else unpack_bits(self.select_bits, self.shape)

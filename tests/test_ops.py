@@ -1,4 +1,4 @@
-"""The resu custom ops: registrations (opcheck), gradients (gradcheck), autocast."""
+"""The resu custom op and the graph helpers: registrations (opcheck), gradients, autocast."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch
 from torch.library import opcheck
 
 from resu_compile.kernels import ops  # noqa: F401
+from resu_compile.kernels.bits import pack_bits
+from resu_compile.kernels.graph_ops import accumulate_input_sq_norms, mask_gradient
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -42,10 +44,23 @@ def test_linear_op_follows_the_active_autocast_dtype() -> None:
     assert weight.grad.dtype == torch.float32
 
 
-def test_accumulate_input_sq_norms_registrations_and_value() -> None:
+def test_accumulate_input_sq_norms_adds_squared_column_norms() -> None:
     x = torch.randn(2, 3, 5)
     norms = torch.zeros(5)
-    opcheck(torch.ops.resu.accumulate_input_sq_norms, (x, norms.clone()))
-    torch.ops.resu.accumulate_input_sq_norms(x, norms)
-    torch.ops.resu.accumulate_input_sq_norms(x, norms)
+    accumulate_input_sq_norms(x, norms)
+    accumulate_input_sq_norms(x, norms)
     torch.testing.assert_close(norms, 2 * x.reshape(-1, 5).pow(2).sum(0))
+
+
+def test_mask_gradient_is_identity_forward_and_masks_the_gradient() -> None:
+    weight = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(7, 5) < 0.5
+    bits = pack_bits(keep)
+    masked = mask_gradient(weight, bits)
+    assert torch.equal(masked, weight)
+    upstream = torch.randn(7, 5, dtype=torch.float64)
+    upstream[0, 0] = float("nan")  # a non-finite gradient on a pruned slot must not survive
+    keep[0, 0] = False
+    bits = pack_bits(keep)
+    (grad,) = torch.autograd.grad(mask_gradient(weight, bits), weight, upstream)
+    assert torch.equal(grad, torch.where(keep, upstream, torch.zeros_like(upstream)))

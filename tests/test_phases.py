@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import resu_compile as resu
 import resu_compile.backend as backend
+from resu_compile.kernels.graph_ops import accumulate_input_sq_norms, mask_gradient
 from tests.zoo import ZOO_BY_NAME
 
 
@@ -44,31 +45,58 @@ def test_cycling_every_phase_twice_after_warmup_never_recompiles(name: str) -> N
         _cycle(compiled, model, optimizer, batch)
 
 
-def test_rewrite_replaces_every_linear_use_with_the_resu_op(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _record_variants(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, object]]:
     built = []
     original = backend.build_variant
 
-    def recording(gm, uses, norm_slots=None):
-        variant = original(gm, uses, norm_slots)
-        built.append((variant, norm_slots))
+    def recording(gm, weights, uses, spec):
+        variant = original(gm, weights, uses, spec)
+        built.append((variant, spec))
         return variant
 
     monkeypatch.setattr(backend, "build_variant", recording)
+    return built
+
+
+def _targets(variant) -> list[object]:
+    return [n.target for n in variant.graph.nodes if n.op == "call_function"]
+
+
+def test_each_variant_compiles_once_with_its_rewrite(monkeypatch: pytest.MonkeyPatch) -> None:
+    built = _record_variants(monkeypatch)
     entry = ZOO_BY_NAME["conv1d_gpt2"]
-    compiled = resu.compile(entry.build(), sparsity=0.5, manual=True, compiler="aot_eager")
-    batch = entry.make_batch(0)
-    compiled(*batch)
-    with compiled.resu.calibrate():
-        compiled(*batch)
-    (train, _), (calibrate, slots) = built
-    targets = [n.target for n in train.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.resu.linear.default) == 2
-    assert torch.addmm not in targets
-    calibrate_targets = [n.target for n in calibrate.graph.nodes if n.op == "call_function"]
-    assert calibrate_targets.count(torch.ops.resu.accumulate_input_sq_norms.default) == 2
-    assert len(slots) == 2
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.5, manual=True, compiler="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        _train_step(compiled, model, optimizer, entry.make_batch(0))
+        with compiled.resu.calibrate():
+            compiled(*entry.make_batch(0))
+        compiled.resu.prune()
+        _train_step(compiled, model, optimizer, entry.make_batch(0))
+        compiled.resu.set_phase("train")
+    specs = [spec for _, spec in built]
+    assert specs == [
+        backend.VARIANTS["dense"],
+        backend.VARIANTS["calibrate"],
+        backend.VARIANTS["sparse"],
+    ]
+    dense, calibrate, sparse = (variant for variant, _ in built)
+    assert mask_gradient not in _targets(dense) and torch.addmm in _targets(dense)
+    assert _targets(calibrate).count(accumulate_input_sq_norms) == 2
+    assert _targets(sparse).count(mask_gradient) == 2
+
+
+def test_resu_linear_op_replaces_every_linear_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    built = _record_variants(monkeypatch)
+    entry = ZOO_BY_NAME["conv1d_gpt2"]
+    compiled = resu.compile(
+        entry.build(), sparsity=0.5, manual=True, compiler="aot_eager", linear_op="resu"
+    )
+    compiled(*entry.make_batch(0))
+    ((variant, _),) = built
+    assert _targets(variant).count(torch.ops.resu.linear.default) == 2
+    assert torch.addmm not in _targets(variant)
 
 
 def test_calibrate_records_input_column_norms_of_every_token() -> None:

@@ -83,3 +83,10 @@ def test_build_mlp_and_batches_are_seeded() -> None:
     assert len(batches) == 5 and all(len(b) == 4 for b in batches)
     again = list(quickstart.minibatches(10, 4, steps=5, seed=1))
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+@pytest.mark.usefixtures("digits_only")
+def test_bad_budget_fails_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="phase_fractions"):
+        quickstart.main(["--steps-per-cycle", "1"])
+    assert "AdamW steps" not in capsys.readouterr().out

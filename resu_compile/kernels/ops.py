@@ -1,11 +1,11 @@
-"""The resu custom ops that rewritten graphs call.
+"""``resu::linear``: the custom op the rewrite emits with ``linear_op="resu"``.
 
-Each op is a ``torch.library.custom_op`` with fake (shape) and autograd registrations, and an
-autocast rule that follows the active autocast dtype, so it behaves like the aten op it replaces
-under Dynamo, AOTAutograd and Inductor. Their kernels are the references in ``reference_ops``:
-with in-place storage (METHOD.md section 1) the weight already *is* ``W_eff``, so the dense matmul
-is the right kernel on every device; storage modes that keep theta apart will add Triton kernels
-behind the same ops.
+A ``torch.library.custom_op`` with fake (shape) and autograd registrations, and an autocast rule
+that follows the active autocast dtype, so it behaves like the aten linear it replaces under
+Dynamo, AOTAutograd and Inductor. With in-place storage (METHOD.md section 1) the weight already
+*is* ``W_eff``, so its kernel is the dense matmul on every device; it is the point where storage
+modes that keep theta apart plug in a Triton matmul building ``W_eff`` tile by tile. Whether the
+in-place path runs through it or through aten's linear is decided by benchmarks/overhead.py.
 """
 
 from __future__ import annotations
@@ -47,23 +47,6 @@ def _linear_backward(ctx, grad_out: Tensor):
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
-
-
-@torch.library.custom_op("resu::accumulate_input_sq_norms", mutates_args=("sq_norms",))
-def accumulate_input_sq_norms(x: Tensor, sq_norms: Tensor) -> None:
-    """Add the squared L2 norm of every input feature (column of ``x``) over all tokens.
-
-    ``sq_norms`` (float32, one entry per input feature) is what Wanda's ``||X_j||_2`` is read from;
-    recording it inside the graph is the only way that survives torch.compile (module hooks
-    registered after compile are ignored).
-    """
-    flat = x.detach().reshape(-1, x.shape[-1]).float()
-    sq_norms.add_(flat.pow(2).sum(0))
-
-
-@accumulate_input_sq_norms.register_fake
-def _accumulate_fake(x: Tensor, sq_norms: Tensor) -> None:
-    return None
 
 
 def _follow_autocast(op_name: str, device_type: str) -> None:

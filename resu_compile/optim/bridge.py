@@ -20,6 +20,7 @@ from resu_compile.optim.updates import (
     HostSteps,
     kernels_for,
     masked_update,
+    preserves_zeros,
     update_rule,
     weight_shaped_state,
 )
@@ -44,6 +45,7 @@ class OptimizerBridge:
         self._stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._groups: dict[int, dict[str, Any]] = {}
         self._skip_managed = False
+        self._fallback: list[ManagedWeight] = []
         self._host_steps = HostSteps()
 
     @property
@@ -110,6 +112,7 @@ class OptimizerBridge:
         controller = self._controller
         controller.advance()
         weights = [w for w in controller.state if w.param.grad is not None]
+        self._fallback = []
         self._skip_managed = not self._grads_finite(weights)
         if self._skip_managed:
             controller.nonfinite_steps += 1
@@ -122,17 +125,40 @@ class OptimizerBridge:
             return
         in_resu = controller.phase.value == "resu"
         for weight in weights:
-            group = self._groups[id(weight.param)]
-            if in_resu or (weight.mask_bits is not None and update_rule(optimizer, group)):
+            if in_resu:
                 self._take_grad(weight.param)
-            elif weight.mask_bits is not None:
+                continue
+            plan = self._sparse_plan(optimizer, weight)
+            if plan == "kernel":
+                self._take_grad(weight.param)
+            elif plan == "fallback":
                 weight.param.grad.masked_fill_(~weight.mask(), 0)
+                self._fallback.append(weight)
         if in_resu and controller.config.freeze_others:
             managed = {id(w.param) for w in controller.state}
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     if id(param) not in managed and param.grad is not None:
                         self._take_grad(param)
+
+    def _sparse_plan(self, optimizer: torch.optim.Optimizer, weight: ManagedWeight) -> str | None:
+        """How the mask reaches this weight's update in a sparse phase.
+
+        - None: nothing to do (no mask yet, or the compiled backward already zeroed the pruned
+          gradient and the optimizer keeps zeros at zero by itself);
+        - "kernel": our fused masked update replaces the optimizer's step for this weight;
+        - "fallback": mask the gradient now, let the optimizer step, re-mask weight and state.
+        """
+        if weight.mask_bits is None:
+            return None
+        config = self._controller.config
+        if config.gradient_mask == "graph" and weight.graph_masked and preserves_zeros(optimizer):
+            return None
+        if config.gradient_mask == "optimizer" and update_rule(
+            optimizer, self._groups[id(weight.param)]
+        ):
+            return "kernel"
+        return "fallback"
 
     def _after(self, optimizer: torch.optim.Optimizer) -> None:
         controller = self._controller
@@ -156,7 +182,7 @@ class OptimizerBridge:
             if in_resu:
                 if taken is not None:
                     self._theta_step(optimizer, weight, taken[1])
-            elif taken is not None:
+            elif taken is not None:  # "kernel" plan
                 masked_update(
                     optimizer,
                     self._groups[id(weight.param)],
@@ -165,9 +191,8 @@ class OptimizerBridge:
                     weight.mask_bits,
                     self._host_steps,
                 )
-            elif weight.mask_bits is not None and weight.param.grad is not None:
-                # Fallback optimizers stepped the masked gradient; re-apply the mask everywhere.
-                self.zero_coordinates(optimizer, weight.param, ~weight.mask())
+        for weight in self._fallback:
+            self.zero_coordinates(optimizer, weight.param, ~weight.mask())
 
     def _theta_step(
         self, optimizer: torch.optim.Optimizer, weight: ManagedWeight, grad: torch.Tensor

@@ -39,6 +39,16 @@ def kernels_for(param: torch.Tensor) -> UpdateKernels:
     return UpdateKernels(reference.masked_sgd_, reference.masked_adam_, reference.theta_update_)
 
 
+def preserves_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a zero gradient on a zero weight with zero state leaves all three exactly zero.
+
+    True for every configuration of SGD (momentum, dampening, nesterov, weight decay, maximize),
+    Adam and AdamW (L2 or decoupled decay, amsgrad): each update term is a product with, or a
+    quotient of, the gradient or the state. Other optimizers take the re-masking fallback.
+    """
+    return type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
 def update_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str | None:
     """ "sgd" or "adam" when our kernels reproduce this group's update exactly, else None."""
     if group.get("differentiable") or group.get("capturable"):

@@ -1,40 +1,82 @@
-"""Rewrite a Dynamo graph into a phase variant that calls the resu ops.
+"""Rewrite a Dynamo graph into the phase variants the dispatcher runs.
+
+Variants differ only in what sits between a managed weight and its consumers:
+
+- ``dense``: nothing (in-place storage: the weight already is ``W_eff``);
+- ``sparse``: ``mask_gradient(W, bits)`` so the weight gradient is 0 on the pruned set, fused by
+  Inductor into the kernel that already writes that gradient;
+- ``calibrate``: the input-column norms of every linear use are accumulated into a buffer.
+
+With ``linear_op="resu"`` every linear-like use also becomes ``torch.ops.resu.linear``.
 
 Dynamo's own ``GraphModule`` is never mutated (doing so later fails with ``KeyError: grapharg``):
-each variant is a fresh graph copied node by node, with the Dynamo metadata carried over.
+each variant is a fresh graph copied node by node, with the Dynamo metadata carried over. Extra
+inputs (mask bits, norm buffers) are appended after Dynamo's placeholders, one per managed weight
+in slot order.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from resu_compile.kernels import ops  # noqa: F401  (registers torch.ops.resu.*)
+from resu_compile.kernels.graph_ops import accumulate_input_sq_norms, mask_gradient
 from resu_compile.passes.match import LinearUse
 
 _DYNAMO_ATTRS = ("_param_name_to_source",)
 
 
-def build_variant(
-    gm: fx.GraphModule, linear_uses: list[LinearUse], norm_slots: dict[int, int] | None = None
-) -> fx.GraphModule:
-    """A copy of ``gm`` where every ``linear_uses`` op is ``resu::linear``.
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a graph variant adds to the captured graph."""
 
-    With ``norm_slots`` (``id(parameter placeholder) -> slot``) the copy is the *calibrate*
-    variant: it takes one extra float32 input per slot, and every rewritten linear also adds its
-    input's squared column norms into the slot of its weight.
-    """
+    mask_gradients: bool = False
+    record_norms: bool = False
+    resu_linear: bool = False
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """Kinds of the per-weight inputs the variant takes after Dynamo's, in order."""
+        return tuple(
+            kind
+            for kind, wanted in (
+                ("mask_bits", self.mask_gradients),
+                ("sq_norms", self.record_norms),
+            )
+            if wanted
+        )
+
+
+def build_variant(
+    gm: fx.GraphModule, weights: list[fx.Node], linear_uses: list[LinearUse], spec: VariantSpec
+) -> fx.GraphModule:
+    """A copy of ``gm`` rewritten for ``spec``; ``weights`` are the managed weights' placeholders."""
     graph = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
-    output_value = graph.graph_copy(gm.graph, node_map)
-    graph.output(output_value)
+    graph.output(graph.graph_copy(gm.graph, node_map))
     for old, new in node_map.items():
         if old.op == "placeholder":
             new._dynamo_source = getattr(old, "_dynamo_source", None)  # type: ignore[attr-defined]
 
-    norm_inputs = _add_norm_inputs(graph, norm_slots)
-    for use in linear_uses:
-        _rewrite_linear(graph, node_map, use, norm_inputs, norm_slots)
+    extra = _add_inputs(graph, len(weights), spec.extra_inputs)
+    slot_of = {id(node): i for i, node in enumerate(weights)}
+    if spec.record_norms:
+        for use in linear_uses:
+            slot = slot_of[id(_weight_placeholder(use.weight_expr))]
+            with graph.inserting_before(node_map[use.node]):
+                graph.call_function(
+                    accumulate_input_sq_norms, (node_map[use.x], extra["sq_norms"][slot])
+                )
+    if spec.resu_linear:
+        for use in linear_uses:
+            _rewrite_linear(graph, node_map, use)
+    if spec.mask_gradients:
+        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        for slot, placeholder in enumerate(weights):
+            _mask_weight(graph, node_map[placeholder], extra["mask_bits"][slot], last_input)
 
     graph.lint()
     variant = fx.GraphModule(gm, graph)
@@ -45,18 +87,18 @@ def build_variant(
     return variant
 
 
-def _add_norm_inputs(graph: fx.Graph, norm_slots: dict[int, int] | None) -> list[fx.Node]:
-    if not norm_slots:
-        return []
-    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    inputs = []
-    with graph.inserting_after(last_placeholder):
-        for slot in reversed(range(len(set(norm_slots.values())))):
-            node = graph.placeholder(f"resu_input_sq_norms_{slot}")
-            node._dynamo_source = None  # type: ignore[attr-defined]
-            inputs.append(node)
-    inputs.reverse()
-    return inputs
+def _add_inputs(graph: fx.Graph, count: int, kinds: tuple[str, ...]) -> dict[str, list[fx.Node]]:
+    """Append ``count`` placeholders per kind after the existing ones."""
+    added: dict[str, list[fx.Node]] = {}
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for kind in kinds:
+        added[kind] = []
+        for slot in range(count):
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(f"resu_{kind}_{slot}")
+            anchor._dynamo_source = None  # type: ignore[attr-defined]
+            added[kind].append(anchor)
+    return added
 
 
 def _weight_placeholder(node: fx.Node) -> fx.Node:
@@ -65,23 +107,22 @@ def _weight_placeholder(node: fx.Node) -> fx.Node:
     return node
 
 
-def _rewrite_linear(
-    graph: fx.Graph,
-    node_map: dict[fx.Node, fx.Node],
-    use: LinearUse,
-    norm_inputs: list[fx.Node],
-    norm_slots: dict[int, int] | None,
-) -> None:
+def _mask_weight(graph: fx.Graph, weight: fx.Node, bits: fx.Node, last_input: fx.Node) -> None:
+    """Route every use of ``weight`` through ``mask_gradient(weight, bits)``."""
+    users = list(weight.users)
+    with graph.inserting_after(last_input):
+        masked = graph.call_function(mask_gradient, (weight, bits))
+    masked.meta.update(weight.meta)
+    for user in users:
+        user.replace_input_with(weight, masked)
+
+
+def _rewrite_linear(graph: fx.Graph, node_map: dict[fx.Node, fx.Node], use: LinearUse) -> None:
     old = node_map[use.node]
     x = node_map[use.x]
     weight = node_map[use.weight_expr]
     bias = node_map[use.bias] if isinstance(use.bias, fx.Node) else None
     with graph.inserting_before(old):
-        if norm_slots:
-            slot = norm_slots[id(_weight_placeholder(use.weight_expr))]
-            graph.call_function(
-                torch.ops.resu.accumulate_input_sq_norms.default, (x, norm_inputs[slot])
-            )
         if use.transpose_needed:
             weight = graph.call_function(torch.t, (weight,))
         new = graph.call_function(torch.ops.resu.linear.default, (x, weight, bias))

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Everything this project runs on the GPU machine, in one call: GPU tests, kernel and overhead
+# benchmarks. Logs and JSON go to $OUT (the device tool's output folder) and benchmarks/results.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out" benchmarks/results
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || cat "$out/install.log"
+status=0
+python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -15 || status=1
+python3 benchmarks/kernels.py --out benchmarks/results/kernels.json 2>&1 | tee "$out/kernels.log" | tail -30 || status=1
+python3 benchmarks/overhead.py --out benchmarks/results/overhead.json "$@" 2>&1 | tee "$out/overhead.log" | tail -40 || status=1
+cp benchmarks/results/*.json "$out/" 2>/dev/null
+exit $status

@@ -1,0 +1,271 @@
+"""Graph-level overhead of resu.compile against dense torch.compile (Inductor), per phase.
+
+For a GPT-2-small-sized decoder and a ViT-B-sized encoder (bf16 autocast, fused AdamW) it measures
+step time (median wall-clock of synchronised steps after warm-up), peak memory, compile time,
+graphs compiled, graph breaks, recompiles in steady state, and the cost of each transition (prune,
+RESU entry, commit) per 100M managed weights.
+
+Each configuration runs in its own process with fresh Inductor / Triton caches, so compile times
+are cold and memory peaks are not polluted by another model. Usage (GPU machine):
+
+    python benchmarks/overhead.py [--out benchmarks/results/overhead.json] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import environment, write_json
+from benchmarks.models import GPT, GPT2_SMALL, VIT_BASE, ViT
+
+SPARSITY = 0.7
+MODELS = ("gpt2", "vit")
+MODES = ("dense", "resu")
+
+
+def _build(
+    model_name: str,
+) -> tuple[torch.nn.Module, Callable[[], tuple], Callable[[Any, Any], torch.Tensor]]:
+    """Model on the GPU, a batch maker and the loss."""
+    torch.manual_seed(0)
+    if model_name == "gpt2":
+        vocab, context, batch = 50304, 1024, 8
+        model = GPT(GPT2_SMALL, vocab, context).cuda()
+        tokens = torch.randint(0, vocab, (batch, context + 1), device="cuda")
+
+        def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out.flatten(0, 1).float(), target.flatten())
+
+        return model, lambda: (tokens[:, :-1], tokens[:, 1:]), loss
+    model = ViT(VIT_BASE, image=224, patch=16, channels=3, classes=1000).cuda()
+    images = torch.randn(64, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 1000, (64,), device="cuda")
+    return model, lambda: (images, labels), lambda out, target: F.cross_entropy(out.float(), target)
+
+
+class Trainer:
+    """One training step (forward, backward, optimizer) with bf16 autocast."""
+
+    def __init__(self, model_name: str, mode: str) -> None:
+        self.model, self.batch, self.loss_fn = _build(model_name)
+        self.mode = mode
+        if mode == "dense":
+            self.compiled = torch.compile(self.model)
+        else:
+            import resu_compile as resu
+
+            self.compiled = resu.compile(
+                self.model, sparsity=SPARSITY, manual=True, compiler="inductor"
+            )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, weight_decay=0.01, fused=True
+        )
+
+    def step(self) -> None:
+        inputs, target = self.batch()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = self.loss_fn(self.compiled(inputs), target)
+        loss.backward()
+        if self.mode == "dense":
+            self.optimizer.step()
+        else:
+            self.compiled.resu.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_only(self) -> None:
+        inputs, _ = self.batch()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            self.compiled(inputs)
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _measure(fn: Callable[[], None], steps: int, warmup: int = 5) -> dict[str, float]:
+    """Median ms of ``steps`` synchronised calls after ``warmup``, and the peak memory they reach."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = [_timed(fn) for _ in range(steps)]
+    return {
+        "ms": statistics.median(times),
+        "ms_spread": (max(times) - min(times)) / 2,
+        "peak_MiB": torch.cuda.max_memory_allocated() / 2**20,
+    }
+
+
+def _dynamo_counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
+
+
+def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
+    """Everything measured for one (model, mode) in this process."""
+    trainer = Trainer(model_name, mode)
+    result: dict[str, Any] = {"model": model_name, "mode": mode}
+    result["compile_s"] = _timed(trainer.step) / 1e3  # first step: Dynamo + Inductor, fw and bw
+    if mode == "dense":
+        result["phases"] = {
+            "dense": _measure(trainer.step, steps),
+            "forward": _measure(trainer.forward_only, steps),
+        }
+        result.update(_dynamo_counts())
+        return result
+    controller = trainer.compiled.resu
+    managed = sum(w.numel for w in controller.state)
+    result["managed_weights"] = managed
+    per_100m = 1e8 / managed
+    phases: dict[str, Any] = {"dense (before prune)": _measure(trainer.step, steps)}
+    transitions = {"prune": _timed(controller.prune) * per_100m}
+    phases["sparse"] = _measure(trainer.step, steps)
+    transitions["enter_resu"] = _timed(controller.enter_resu) * per_100m
+    phases["resu"] = _measure(trainer.step, steps)
+    transitions["commit"] = _timed(controller.commit) * per_100m
+    with controller.calibrate():
+        result["calibrate_compile_s"] = _timed(trainer.forward_only) / 1e3
+        phases["calibrate (forward)"] = _measure(trainer.forward_only, steps)
+    result.update(_dynamo_counts())
+    # Steady state: a full cycle through every variant must compile nothing new.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        controller.prune()
+        trainer.step()
+        controller.enter_resu()
+        trainer.step()
+        with controller.calibrate():
+            trainer.forward_only()
+        controller.commit()
+        trainer.step()
+    result["steady_state_recompiles"] = _dynamo_counts()["graphs"] - result["graphs"]
+    result["phases"] = phases
+    result["transitions_ms_per_100M"] = transitions
+    return result
+
+
+def _run_worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ)
+        env.update(
+            TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor",
+            TRITON_CACHE_DIR=f"{cache}/triton",
+            TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+            TORCHINDUCTOR_AUTOGRAD_CACHE="0",
+        )
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            f"{model_name}:{mode}",
+            "--steps",
+            str(steps),
+        ]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {model_name}:{mode} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, phase): time and memory as ratios against dense in the same run."""
+    rows = []
+    for model_name in MODELS:
+        dense = next((r for r in runs if r["model"] == model_name and r["mode"] == "dense"), None)
+        resu_run = next((r for r in runs if r["model"] == model_name and r["mode"] == "resu"), None)
+        if dense is None or resu_run is None:
+            continue
+        managed = resu_run["managed_weights"]
+        memory_allowance = dense["phases"]["dense"]["peak_MiB"] * 1.01 + 2 * managed / 8 / 2**20
+        for phase, values in resu_run["phases"].items():
+            baseline = dense["phases"]["forward" if phase.startswith("calibrate") else "dense"]
+            rows.append(
+                {
+                    "model": model_name,
+                    "phase": phase,
+                    "ms": values["ms"],
+                    "dense ms": baseline["ms"],
+                    "time x dense": values["ms"] / baseline["ms"],
+                    "peak MiB": values["peak_MiB"],
+                    "dense MiB": baseline["peak_MiB"],
+                    "memory within target": values["peak_MiB"] <= memory_allowance
+                    if not phase.startswith("calibrate")
+                    else None,
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.json"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/overhead.py needs a CUDA GPU")
+    if args.worker:
+        model_name, mode = args.worker.split(":")
+        print(json.dumps(worker(model_name, mode, args.steps)))
+        return
+    runs = []
+    for model_name in args.models.split(","):
+        for mode in MODES:
+            runs.append(_run_worker(model_name, mode, args.steps))
+            print(f"done: {model_name} {mode}", flush=True)
+    rows = summarize(runs)
+    compile_rows = [
+        {
+            "model": r["model"],
+            "mode": r["mode"],
+            "compile s": r["compile_s"],
+            "graphs": r["graphs"],
+            "graph breaks": r["graph_breaks"],
+            "steady-state recompiles": r.get("steady_state_recompiles"),
+            **{f"{k} ms/100M": v for k, v in r.get("transitions_ms_per_100M", {}).items()},
+        }
+        for r in runs
+    ]
+    result = {
+        **environment(),
+        "sparsity": SPARSITY,
+        "steps": args.steps,
+        "runs": runs,
+        "summary": rows,
+        "compile": compile_rows,
+    }
+    write_json(args.out, result)
+    print(
+        f"{result['device']}  torch {result['torch']}  triton {result['triton']}  {result['date']}"
+    )
+    print(tabulate(compile_rows, headers="keys", floatfmt=".3g"))
+    print()
+    print(tabulate(rows, headers="keys", floatfmt=".4g"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Traceable pieces the rewrite inserts into graph variants, written in aten ops on purpose.
+
+Inductor sees through them and fuses them with the work around them: the gradient mask lands in
+the elementwise kernel that already touches the weight gradient (the bias-gradient reduction, or
+the bf16 -> fp32 cast under autocast), and the input-norm reduction reads the activation once.
+A custom op would be opaque and cost a separate pass over memory each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resu_compile.kernels.bits import unpack_bits
+
+
+class _MaskGradient(torch.autograd.Function):
+    """Identity on the weight; the gradient is zeroed where the packed mask bit is 0."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(bits)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (bits,) = ctx.saved_tensors
+        keep = unpack_bits(bits, grad.shape)
+        # ``where`` rather than a product: a NaN or Inf gradient on a pruned slot is dropped too.
+        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+
+
+def mask_gradient(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``weight`` unchanged in the forward pass; its gradient is 0 wherever ``bits`` says pruned.
+
+    With the gradient exactly 0 on the pruned set, SGD (momentum, nesterov), Adam and AdamW keep
+    pruned weights and their state exactly 0 by themselves, fused multi-tensor kernels included.
+    """
+    return _MaskGradient.apply(weight, bits)
+
+
+def accumulate_input_sq_norms(x: torch.Tensor, sq_norms: torch.Tensor) -> None:
+    """Add each input feature's squared L2 norm over all tokens (Wanda's ``||X_j||^2``)."""
+    dims = tuple(range(x.dim() - 1))
+    sq_norms.add_(x.detach().float().square().sum(dim=dims))
