@@ -224,8 +224,13 @@ class PhaseController:
     # -- transitions ------------------------------------------------------------------------
 
     def _generator(self, weight: ManagedWeight, purpose: str) -> torch.Generator:
+        """A generator on the weight's device, seeded by (seed, weight, cycle, purpose).
+
+        Seeding by name rather than by draw order keeps every draw reproducible across graph
+        breaks, resumed runs and managed sets that grow.
+        """
         key = f"{self.config.seed}|{weight.name}|{self.cycle}|{purpose}".encode()
-        return torch.Generator().manual_seed(zlib.crc32(key))
+        return torch.Generator(device=weight.param.device).manual_seed(zlib.crc32(key))
 
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
@@ -252,14 +257,10 @@ class PhaseController:
             trainable = select_trainable(
                 pruned, self.config.selection, self.config.alpha, self._generator(weight, "select")
             )
-            weight.param.masked_fill_(pruned, 0)
-            weight.param[trainable] = initial_theta(
-                weight.param,
-                mask,
-                trainable,
-                self.config.theta_init_eps,
-                self._generator(weight, "theta"),
+            theta = initial_theta(
+                weight.param, mask, self.config.theta_init_eps, self._generator(weight, "theta")
             )
+            weight.param.copy_(torch.where(trainable, theta, weight.param.masked_fill(pruned, 0)))
             weight.select_bits = pack_bits(trainable)
             weight.theta_buffers.clear()
             selected[weight.name] = int(trainable.sum())
@@ -286,6 +287,7 @@ class PhaseController:
             else:
                 new = old | weight.selection()
             resurrected = new & ~old
+            trained = weight.selection()
             self._bridge.zero_coordinates(optimizer, weight.param, ~new)
             self._bridge.zero_state(optimizer, weight, resurrected)
             weight.set_mask(new)
@@ -297,6 +299,10 @@ class PhaseController:
                 "target": self.target_sparsity,
                 "sparsity": weight.sparsity(),
                 "resurrected": count,
+                # Winners that trained as theta; the rest of the n_R places went to untrained zeros.
+                "resurrected_trained": int((resurrected & trained).sum())
+                if trained is not None
+                else 0,
                 "resurrection_rate": count / old_pruned if old_pruned else 0.0,
                 "churn": int((new ^ old).sum()),
                 "budget": budget,

@@ -61,13 +61,13 @@ def test_random_selection_takes_exactly_alpha_of_the_pruned_set() -> None:
 def test_theta_is_eps_sigma_times_standard_normal() -> None:
     weight = torch.randn(200, 50, generator=torch.Generator().manual_seed(0)) * 3.0
     active = torch.rand(200, 50, generator=torch.Generator().manual_seed(1)) < 0.5
-    trainable = ~active
-    theta = initial_theta(weight, active, trainable, 0.1, torch.Generator().manual_seed(2))
+    theta = initial_theta(weight, active, 0.1, torch.Generator().manual_seed(2))
     sigma = weight[active].std()
-    expected = (
-        0.1 * sigma * torch.randn(int(trainable.sum()), generator=torch.Generator().manual_seed(2))
-    )
+    expected = 0.1 * sigma * torch.randn(200, 50, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(theta, expected)
+    lone = torch.zeros(200, 50, dtype=torch.bool)
+    lone[0, 0] = True
+    assert torch.count_nonzero(initial_theta(weight, lone, 0.1, torch.Generator())) == 0
 
 
 def test_amnesty_reserves_places_for_resurrected_weights() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from resu_compile.method.topk import topk_mask
+
 
 def select_trainable(
     pruned: torch.Tensor, mode: str, alpha: float, generator: torch.Generator
@@ -11,34 +13,31 @@ def select_trainable(
     """Bool mask of S within ``pruned`` (METHOD.md section 4).
 
     - ``all``: ``S = P``.
-    - ``random``: exactly ``int(alpha * |P|)`` coordinates of P drawn uniformly, once at entry.
+    - ``random``: exactly ``int(alpha * |P|)`` coordinates of P, uniformly at random, drawn once
+      at entry (the top-k of uniform noise over P: no permutation, no host round trip).
     """
     if mode == "all":
         return pruned.clone()
     if mode == "random":
-        candidates = pruned.reshape(-1).nonzero().squeeze(1)
-        count = int(alpha * candidates.numel())
-        order = torch.randperm(candidates.numel(), generator=generator, device="cpu")
-        chosen = torch.zeros(pruned.numel(), dtype=torch.bool, device=pruned.device)
-        chosen[candidates[order[:count].to(candidates.device)]] = True
-        return chosen.reshape(pruned.shape)
+        count = int(alpha * int(pruned.sum()))
+        noise = torch.rand(pruned.shape, generator=generator, device=pruned.device)
+        return topk_mask(noise, count, eligible=pruned)
     raise ValueError(f"selection: unknown selective mode {mode!r}")
 
 
 def initial_theta(
-    weight: torch.Tensor,
-    active: torch.Tensor,
-    trainable: torch.Tensor,
-    eps: float,
-    generator: torch.Generator,
+    weight: torch.Tensor, active: torch.Tensor, eps: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Values for the coordinates of S: ``eps * sigma_A * N(0, 1)``, one per True of ``trainable``.
+    """A tensor of ``weight``'s shape drawn as ``eps * sigma_A * N(0, 1)``; callers keep it on S.
 
     ``sigma_A`` is the unbiased std of the layer's active weights at entry (0 when fewer than two
-    are active, so theta then starts at 0).
+    are active, so theta then starts at 0). Computed with masked sums, not boolean indexing, so
+    nothing waits on the device.
     """
-    active_values = weight.detach()[active].float()
-    sigma = float(active_values.std()) if active_values.numel() > 1 else 0.0
-    count = int(trainable.sum())
-    noise = torch.randn(count, generator=generator, device="cpu", dtype=torch.float32)
-    return (eps * sigma * noise).to(device=weight.device, dtype=weight.dtype)
+    values = weight.detach().float()
+    count = active.sum()
+    mean = torch.where(active, values, 0.0).sum() / count.clamp(min=1)
+    variance = torch.where(active, (values - mean).square(), 0.0).sum() / (count - 1).clamp(min=1)
+    sigma = torch.where(count > 1, variance.sqrt(), 0.0)
+    noise = torch.randn(weight.shape, generator=generator, device=weight.device)
+    return (eps * sigma * noise).to(weight.dtype)

@@ -1,0 +1,42 @@
+"""A full RESU schedule on real data: Fashion-MNIST (from $RESU_DATA or ../shared/data in CI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from resu_compile import datasets, quickstart
+from tests.conftest import SHARED_FASHION_MNIST
+
+SPARSITY = 0.7
+CYCLES = 3
+
+
+def _fashion_mnist() -> Path:
+    found = datasets.find_fashion_mnist(
+        os.environ.get(datasets.DATA_ENV_VAR) or SHARED_FASHION_MNIST
+    )
+    if found is None:
+        pytest.skip("Fashion-MNIST not found ($RESU_DATA or ../shared/data/fashion-mnist)")
+    return found
+
+
+def test_full_schedule_on_fashion_mnist_resurrects_and_beats_pruning_without_recovery(
+    tmp_path: Path,
+) -> None:
+    data_dir = _fashion_mnist()
+    out = tmp_path / "run.json"
+    argv = ["--data", str(data_dir), "--sparsity", str(SPARSITY), "--cycles", str(CYCLES)]
+    assert quickstart.main([*argv, "--steps-per-cycle", "200", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["dataset"] == "fashion-mnist"
+    assert len(results["cycles"]) == CYCLES
+    assert all(cycle["resurrected"] > 0 for cycle in results["cycles"]), results["cycles"]
+    for layer in results["layers"]:
+        assert layer["active"] == int((1 - SPARSITY) * math.prod(layer["shape"])), layer
+    accuracy = results["accuracy"]
+    assert accuracy["resu"] > accuracy["pruned_no_recovery"], accuracy
