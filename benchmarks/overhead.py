@@ -186,7 +186,7 @@ def _run_worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
             sys.executable,
             __file__,
             "--worker",
-            f"{model_name}:{mode}",
+            f"{model_name}/{mode}",
             "--steps",
             str(steps),
         ]
