@@ -7,6 +7,13 @@ write, and N/8 bytes of mask. Masks are random at 50% density, which still touch
 sector, so the dense byte count is the traffic. A theta step on a 20% selection skips most sectors,
 so it is reported as time only. Times are ``triton.testing.do_bench`` medians (L2 flushed per run).
 
+The multi-tensor case times the RESU phase's theta step over GPT-2-small's 48 managed weights (bf16,
+20% selected) as 48 per-weight ``fused_theta_update_`` calls against one
+``fused_theta_update_multi_``, Python included: ``host ms`` is the time for the calls to return
+(queue idle at the start: the CPU cost of the step), ``wall ms`` the time from an idle GPU to the
+work done (``torch.cuda.synchronize`` on both sides), both ``time.perf_counter`` medians; ``do_bench
+ms`` is do_bench's median of the same callable.
+
 Usage (on the GPU machine): ``python benchmarks/kernels.py [--out benchmarks/results/kernels.json]``
 """
 
@@ -15,6 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,11 +32,14 @@ import triton
 from tabulate import tabulate
 from triton.testing import do_bench
 
+from resu_compile.kernels import fused_update
 from resu_compile.kernels.bits import pack_bits
 from resu_compile.kernels.fused_update import (
     fused_masked_adam_,
+    fused_masked_adam_multi_,
     fused_masked_sgd_,
     fused_theta_update_,
+    fused_theta_update_multi_,
 )
 from resu_compile.kernels.select import count_at_least, topk_threshold_approx
 
@@ -36,6 +48,9 @@ DTYPES = [torch.bfloat16, torch.float32]
 COPY_BYTES = 1 << 30
 TOPK_N = 1 << 24
 TOPK_FRACTIONS = [0.2, 0.5]  # alpha of selective RESU and k_screen of the consistency rule
+# GPT-2-small's managed weights: per block attn c_attn, attn c_proj, mlp c_fc, mlp c_proj.
+GPT2_SMALL_SHAPES = [(768, 2304), (768, 768), (3072, 768), (768, 3072)] * 12
+MULTI_REPS = 200
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -154,6 +169,119 @@ def _bench_updates(ceiling: float) -> list[dict]:
     return rows
 
 
+def _host_and_wall_ms(fn: Callable[[], object], reps: int = MULTI_REPS) -> tuple[float, float]:
+    """Medians of (time for ``fn`` to return, time until its GPU work is done), idle GPU at start."""
+    host, wall = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        returned = time.perf_counter()
+        torch.cuda.synchronize()
+        done = time.perf_counter()
+        host.append(returned - start)
+        wall.append(done - start)
+    return 1e3 * statistics.median(host), 1e3 * statistics.median(wall)
+
+
+def _multi_cases() -> list[tuple[str, str, Callable]]:
+    """(case, variant, callable): per-weight loops against one multi-tensor launch."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(shape) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device="cuda").to(torch.bfloat16)
+
+    def bits(shape, density) -> torch.Tensor:
+        return pack_bits(torch.rand(shape, generator=gen, device="cuda") < density)
+
+    shapes = GPT2_SMALL_SHAPES
+    p, g, m = [rand(s) for s in shapes], [rand(s) for s in shapes], [rand(s) for s in shapes]
+    v = [rand(s).abs() for s in shapes]
+    sel = [bits(s, 0.2) for s in shapes]
+    mask = [bits(s, 0.5) for s in shapes]
+    cases = []
+    for rule in ("sgd", "adamw"):
+        kw = dict(rule=rule, lr=1e-4, step=10, weight_decay=1e-2)
+        states = rule == "adamw"
+
+        def loop(kw=kw, states=states) -> None:
+            for i in range(len(p)):
+                fused_theta_update_(
+                    p[i],
+                    g[i],
+                    sel[i],
+                    exp_avg=m[i] if states else None,
+                    exp_avg_sq=v[i] if states else None,
+                    **kw,
+                )
+
+        def multi(kw=kw, states=states) -> None:
+            fused_theta_update_multi_(
+                p,
+                g,
+                sel,
+                exp_avgs=m if states else None,
+                exp_avg_sqs=v if states else None,
+                **kw,
+            )
+
+        def multi_miss(multi=multi) -> None:
+            fused_update._ADDRESS_TABLES.clear()  # as if every tensor had moved: one H2D copy
+            multi()
+
+        case = f"theta {rule}, 20% selected"
+        cases += [
+            (case, f"{len(p)} x fused_theta_update_", loop),
+            (case, "1 x fused_theta_update_multi_", multi),
+            (case, "1 x multi, address table rebuilt", multi_miss),
+        ]
+    adam_kw = dict(
+        step=10,
+        lr=1e-4,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=1e-2,
+        decoupled_weight_decay=True,
+        maximize=False,
+    )
+
+    def adam_loop() -> None:
+        for i in range(len(p)):
+            fused_masked_adam_(p[i], g[i], m[i], v[i], mask[i], **adam_kw)
+
+    def adam_multi() -> None:
+        fused_masked_adam_multi_(p, g, m, v, mask, **adam_kw)
+
+    cases += [
+        ("masked AdamW, 50% mask", f"{len(p)} x fused_masked_adam_", adam_loop),
+        ("masked AdamW, 50% mask", "1 x fused_masked_adam_multi_", adam_multi),
+    ]
+    return cases
+
+
+def _bench_multi() -> list[dict]:
+    rows = []
+    n = sum(s[0] * s[1] for s in GPT2_SMALL_SHAPES)
+    for case, variant, fn in _multi_cases():
+        fn()  # compile
+        host, wall = _host_and_wall_ms(fn)
+        rows.append(
+            {
+                "case": case,
+                "variant": variant,
+                "weights": len(GPT2_SMALL_SHAPES),
+                "numel": n,
+                "dtype": "bfloat16",
+                "host ms": host,
+                "wall ms": wall,
+                "do_bench ms": _median_ms(fn),
+            }
+        )
+    torch.cuda.empty_cache()
+    return rows
+
+
 def _bench_topk() -> list[dict]:
     values = torch.randn(
         TOPK_N, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda"
@@ -190,6 +318,7 @@ def main() -> None:
 
     ceiling = _copy_ceiling_gbps()
     updates = _bench_updates(ceiling)
+    multi = _bench_multi()
     topk = _bench_topk()
     result = {
         "gpu": torch.cuda.get_device_name(),
@@ -198,6 +327,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_ceiling_GBps": ceiling,
         "updates": updates,
+        "multi_tensor": multi,
         "topk": topk,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +337,8 @@ def main() -> None:
     print(tabulate(topk, headers="keys", floatfmt=".4g"))
     print()
     print(tabulate(updates, headers="keys", floatfmt=".4g"))
+    print()
+    print(tabulate(multi, headers="keys", floatfmt=".4g"))
 
 
 if __name__ == "__main__":

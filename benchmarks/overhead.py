@@ -249,11 +249,16 @@ def main() -> None:
         model_name, mode = args.worker.split("/")
         print(json.dumps(worker(model_name, mode, args.steps)))
         return
-    runs = []
+    runs: list[dict[str, Any]] = []
     for model_name in args.models.split(","):
         for mode in args.modes.split(","):
             runs.append(_run_worker(model_name, mode, args.steps))
-            print(f"done: {model_name} {mode}", flush=True)
+            print(f"done: {model_name} {mode} ({runs[-1]['compile_s']:.1f} s compile)", flush=True)
+            report(runs, args)  # after every worker, so a cut-off run still leaves its numbers
+
+
+def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Write the JSON and print the tables for the runs so far."""
     rows = summarize(runs)
     compile_rows = [
         {
@@ -281,7 +286,7 @@ def main() -> None:
     )
     print(tabulate(compile_rows, headers="keys", floatfmt=".3g"))
     print()
-    print(tabulate(rows, headers="keys", floatfmt=".4g"))
+    print(tabulate(rows, headers="keys", floatfmt=".4g"), flush=True)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ class PhaseController:
         layers = {}
         for weight in self.state:
             mask = prune_mask(weight.param, weight.mask(), sparsity, self.config.criterion)
-            weight.set_mask(mask)
+            weight.set_mask(mask, min(keep_count(weight.numel, sparsity), weight.active_count()))
             self._bridge.zero_coordinates(optimizer, weight.param, ~mask)
             layers[weight.name] = weight.sparsity()
         self.target_sparsity = sparsity
@@ -254,8 +254,13 @@ class PhaseController:
             if mask is None:
                 mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
             pruned = ~mask
-            trainable = select_trainable(
-                pruned, self.config.selection, self.config.alpha, self._generator(weight, "select")
+            pruned_count = weight.numel - weight.active_count()
+            trainable, count = select_trainable(
+                pruned,
+                self.config.selection,
+                self.config.alpha,
+                self._generator(weight, "select"),
+                pruned_count,
             )
             theta = initial_theta(
                 weight.param, mask, self.config.theta_init_eps, self._generator(weight, "theta")
@@ -263,7 +268,7 @@ class PhaseController:
             weight.param.copy_(torch.where(trainable, theta, weight.param.masked_fill(pruned, 0)))
             weight.select_bits = pack_bits(trainable)
             weight.theta_buffers.clear()
-            selected[weight.name] = int(trainable.sum())
+            selected[weight.name] = count
         self.resu_steps = 0
         self.phase = Phase.RESU
         self._record("resu", layers=selected)
@@ -281,30 +286,32 @@ class PhaseController:
             if old is None:
                 old = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
             n_keep = keep_count(weight.numel, self.target_sparsity)
+            trained = weight.selection()
             if config.amnesty:
                 scores = amnesty_scores(weight.param, config.amnesty_score)
-                new = amnesty_mask(scores, old, n_keep, budget).mask
+                new = amnesty_mask(scores, old, n_keep, budget, weight.active_count()).mask
+                active = min(n_keep, weight.numel)
             else:
-                new = old | weight.selection()
+                new = old | trained
+                active = None
             resurrected = new & ~old
-            trained = weight.selection()
             self._bridge.zero_coordinates(optimizer, weight.param, ~new)
             self._bridge.zero_state(optimizer, weight, resurrected)
-            weight.set_mask(new)
+            counts = [(~old).sum(), resurrected.sum(), (new ^ old).sum()]
+            if trained is not None:
+                counts.append((resurrected & trained).sum())
+            old_pruned, count, churn, *rest = torch.stack(counts).tolist()  # one host sync
+            weight.set_mask(new, active)
             weight.select_bits = None
             weight.theta_buffers.clear()
-            old_pruned = int((~old).sum())
-            count = int(resurrected.sum())
             layers[weight.name] = {
                 "target": self.target_sparsity,
                 "sparsity": weight.sparsity(),
                 "resurrected": count,
                 # Winners that trained as theta; the rest of the n_R places went to untrained zeros.
-                "resurrected_trained": int((resurrected & trained).sum())
-                if trained is not None
-                else 0,
+                "resurrected_trained": rest[0] if rest else 0,
                 "resurrection_rate": count / old_pruned if old_pruned else 0.0,
-                "churn": int((new ^ old).sum()),
+                "churn": churn,
                 "budget": budget,
             }
         self._record("commit", budget=budget, layers=layers)

@@ -30,6 +30,7 @@ class ManagedWeight:
     input_sq_norms: torch.Tensor | None = None
     theta_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     graph_masked: bool = True
+    _active: int | None = field(default=None, repr=False)
     _all_active_bits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -44,8 +45,10 @@ class ManagedWeight:
         """Bool mask (True = active), or None while the weight has never been pruned."""
         return None if self.mask_bits is None else unpack_bits(self.mask_bits, self.shape)
 
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def set_mask(self, mask: torch.Tensor, active: int | None = None) -> None:
+        """Store ``mask``; ``active`` (its True count, when the caller knows it) saves a count."""
         self.mask_bits = pack_bits(mask)
+        self._active = active
 
     def mask_bits_or_all_active(self) -> torch.Tensor:
         """The packed mask, or all-ones bits for a weight not pruned yet (graph inputs need one)."""
@@ -70,7 +73,11 @@ class ManagedWeight:
         return None if self.select_bits is None else unpack_bits(self.select_bits, self.shape)
 
     def active_count(self) -> int:
-        return self.numel if self.mask_bits is None else count_bits(self.mask_bits)
+        if self.mask_bits is None:
+            return self.numel
+        if self._active is None:
+            self._active = count_bits(self.mask_bits)
+        return self._active
 
     def sparsity(self) -> float:
         return 1.0 - self.active_count() / self.numel
@@ -90,6 +97,7 @@ class ManagedWeight:
         for key in ("mask_bits", "select_bits", "input_sq_norms"):
             value = state.get(key)
             setattr(self, key, None if value is None else value.to(device).clone())
+        self._active = None
         self.theta_buffers = {
             key.removeprefix("theta."): value.to(device=device, dtype=self.param.dtype).clone()
             for key, value in state.items()
@@ -113,12 +121,15 @@ class StateManager:
         self._by_id: dict[int, ManagedWeight] = {}
         self._skipped: dict[str, SkippedCandidate] = {}
         self._pending: dict[str, dict[str, Any]] = {}
+        self._ordered: list[ManagedWeight] | None = None
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     def __iter__(self):
-        return iter(sorted(self._by_id.values(), key=lambda w: w.name))
+        if self._ordered is None:
+            self._ordered = sorted(self._by_id.values(), key=lambda w: w.name)
+        return iter(self._ordered)
 
     def get(self, param: torch.Tensor) -> ManagedWeight | None:
         return self._by_id.get(id(param))
@@ -145,6 +156,7 @@ class StateManager:
                 _check_shape(name, pending, param)
                 weight.load_state_dict(pending)
             self._by_id[id(param)] = weight
+            self._ordered = None
             self._skipped.pop(name, None)
         return weight
 

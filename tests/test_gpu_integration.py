@@ -7,14 +7,13 @@ import torch
 
 import resu_compile as resu
 import resu_compile.optim.updates as updates
-from resu_compile.kernels import reference
 from tests.invariants import assert_resu_invariants, assert_sparse_invariants, snapshot_active
 from tests.zoo import ZOO_BY_NAME
 
 pytestmark = pytest.mark.gpu
 
 
-def _run(entry, dtype: torch.dtype, make_optimizer, compiler: str):
+def _run(entry, dtype: torch.dtype, make_optimizer, compiler: str, gradient_mask: str = "graph"):
     model = entry.build().to(device="cuda", dtype=dtype)
     compiled = resu.compile(
         model,
@@ -24,6 +23,7 @@ def _run(entry, dtype: torch.dtype, make_optimizer, compiler: str):
         theta_optimizer="adamw",
         theta_lr=1e-2,
         compiler=compiler,
+        gradient_mask=gradient_mask,
     )
     optimizer = make_optimizer(model.parameters())
     controller = compiled.resu
@@ -64,18 +64,17 @@ def test_invariants_hold_with_fused_kernels_on_cuda(dtype: torch.dtype, optimize
         assert weight.active_count() == int(0.3 * weight.numel)
 
 
-def test_fused_path_equals_reference_path_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("gradient_mask", ["graph", "optimizer"])
+def test_fused_path_equals_reference_path_on_cuda(
+    monkeypatch: pytest.MonkeyPatch, gradient_mask: str
+) -> None:
     entry = ZOO_BY_NAME["mlp"]
-    fused_model, fused = _run(entry, torch.float32, OPTIMIZERS["adamw"], "aot_eager")
+    fused_model, fused = _run(entry, torch.float32, OPTIMIZERS["adamw"], "aot_eager", gradient_mask)
     torch._dynamo.reset()
-    monkeypatch.setattr(
-        updates,
-        "kernels_for",
-        lambda param: updates.UpdateKernels(
-            reference.masked_sgd_, reference.masked_adam_, reference.theta_update_
-        ),
+    monkeypatch.setattr(updates, "_fused", lambda tensor: False)  # the references, on CUDA
+    reference_model, referenced = _run(
+        entry, torch.float32, OPTIMIZERS["adamw"], "aot_eager", gradient_mask
     )
-    reference_model, referenced = _run(entry, torch.float32, OPTIMIZERS["adamw"], "aot_eager")
     for name, mask in fused.masks().items():
         assert torch.equal(mask, referenced.masks()[name]), name
     for (name, a), (_, b) in zip(

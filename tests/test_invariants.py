@@ -21,17 +21,22 @@ OPTIMIZERS = {
 
 
 # Each user optimizer once, and each theta-optimizer both with and without free state slots.
-PAIRS = [
-    ("adamw_wd", "adamw"),
-    ("adam_l2", "momentum"),
-    ("sgd_momentum_wd", "momentum"),
-    ("sgd_nesterov", "adamw"),
-    ("rmsprop_fallback", "sgd"),
+# The last two take the "optimizer" gradient mask: our masked kernels instead of the graph mask.
+CASES = [
+    ("adamw_wd", "adamw", "graph"),
+    ("adam_l2", "momentum", "graph"),
+    ("sgd_momentum_wd", "momentum", "graph"),
+    ("sgd_nesterov", "adamw", "graph"),
+    ("rmsprop_fallback", "sgd", "graph"),
+    ("adamw_wd", "sgd", "optimizer"),
+    ("sgd_nesterov", "momentum", "optimizer"),
 ]
 
 
-@pytest.mark.parametrize(("optimizer_name", "theta_optimizer"), PAIRS)
-def test_invariants_hold_after_every_step(optimizer_name: str, theta_optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer_name", "theta_optimizer", "gradient_mask"), CASES)
+def test_invariants_hold_after_every_step(
+    optimizer_name: str, theta_optimizer: str, gradient_mask: str
+) -> None:
     entry = ZOO_BY_NAME["transformer"]
     model = entry.build()
     compiled = resu.compile(
@@ -42,6 +47,7 @@ def test_invariants_hold_after_every_step(optimizer_name: str, theta_optimizer: 
         theta_optimizer=theta_optimizer,
         theta_lr=1e-2,
         compiler="aot_eager",
+        gradient_mask=gradient_mask,
     )
     controller = compiled.resu
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())

@@ -50,12 +50,12 @@ def test_prune_keeps_exactly_int_1_minus_s_times_n_by_magnitude() -> None:
 
 def test_random_selection_takes_exactly_alpha_of_the_pruned_set() -> None:
     pruned = torch.rand(40, 30, generator=torch.Generator().manual_seed(0)) < 0.6
-    first = select_trainable(pruned, "random", 0.2, torch.Generator().manual_seed(1))
-    again = select_trainable(pruned, "random", 0.2, torch.Generator().manual_seed(1))
-    assert int(first.sum()) == int(0.2 * int(pruned.sum()))
+    first, count = select_trainable(pruned, "random", 0.2, torch.Generator().manual_seed(1))
+    again, _ = select_trainable(pruned, "random", 0.2, torch.Generator().manual_seed(1))
+    assert int(first.sum()) == count == int(0.2 * int(pruned.sum()))
     assert not (first & ~pruned).any()
     assert torch.equal(first, again)
-    assert torch.equal(select_trainable(pruned, "all", 0.2, torch.Generator()), pruned)
+    assert torch.equal(select_trainable(pruned, "all", 0.2, torch.Generator())[0], pruned)
 
 
 def test_theta_is_eps_sigma_times_standard_normal() -> None:

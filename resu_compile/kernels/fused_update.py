@@ -6,6 +6,13 @@ That is how the sparse phases train at dense speed (DESIGN.md "The fast path"). 
 :mod:`resu_compile.kernels.reference` in fp32 whatever the storage dtype (fp32, fp16 or bf16;
 states share the parameter's dtype, the gradient may differ).
 
+A program updates one block of ``BLOCK`` consecutive weights seen as a ``[BLOCK // VEC, VEC]``
+tile, ``VEC`` being the elements of one 128-bit access (4 fp32, 8 fp16/bf16): each tile row is one
+vector load or store per tensor, and lies within one mask byte (the bit format is defined once, in
+:mod:`resu_compile.kernels.bits`). A thread loads the mask byte of each of its rows once and expands
+it to bits with shifts in registers, instead of one byte load per element. Blocks start at
+multiples of ``BLOCK``, so on whole bytes.
+
 Loads and stores are predicated on bounds only, never on a mask bit, so Triton can vectorise them;
 mask and selection act through in-register selects. (Unstructured masks touch every 32-byte sector
 anyway, so skipping pruned elements would save no traffic.)
@@ -13,9 +20,19 @@ anyway, so skipping pruned elements would save no traffic.)
 Hyper-parameters are runtime fp32 scalars so that a learning-rate schedule never recompiles; only
 boolean structure (momentum on/off, nesterov, ...) is ``tl.constexpr``. Every tensor must be
 contiguous: the kernels see the weight as a flat row-major array, as the mask format does.
+
+``*_multi_`` variants update a list of weights of any sizes in one launch (the RESU phase steps
+every managed weight at once): the grid runs over the blocks of all tensors, a cached per-block
+table says which tensor and which block each program takes, and the tensors are reached through a
+table of base addresses (int64, cast to typed pointers in the kernel).
 """
 
 from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,18 +41,49 @@ import triton.language as tl
 from resu_compile.kernels.bits import packed_numel
 from resu_compile.kernels.reference import check_theta_args
 
-BLOCK = 2048
-NUM_WARPS = 4
+# (BLOCK, num_warps) by the parameter's element size. Both give a thread 16 elements (4 or 2
+# 128-bit accesses per tensor): AdamW then needs ~100-165 registers (sm_90), while 32 elements need
+# ~250 and spill. A 2-byte program takes twice the elements, so it moves as many bytes and pays its
+# prologue (the multi kernels' table loads) half as often. BLOCK: a power of two, at least 8.
+LAUNCH_CONFIGS: dict[int, tuple[int, int]] = {4: (2048, 4), 2: (4096, 8)}
 
 _RULE_IDS = {"sgd": 0, "momentum": 1, "adamw": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Base addresses and sizes the multi-tensor kernels may assume divisible by this (16 bytes: one
+# 128-bit access), when every tensor of a call allows it; otherwise they run without the hint.
+_ALIGN = 16
+
+
+def launch_config(dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK, VEC, num_warps)`` of the update kernels for parameters of ``dtype``."""
+    size = dtype.itemsize
+    block, num_warps = LAUNCH_CONFIGS[size]
+    return block, 16 // size, num_warps
 
 
 @triton.jit
-def _bit_is_set(bits_ptr, offs, inb):
-    """Bit ``offs`` of the packed-bit array: byte ``offs >> 3``, bit ``offs & 7``, LSB first."""
-    byte = tl.load(bits_ptr + (offs >> 3), mask=inb, other=0).to(tl.int32)
-    return inb & (((byte >> (offs & 7).to(tl.int32)) & 1) != 0)
+def _tile(start, n, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Offsets ``[BLOCK // VEC, VEC]`` of the block at ``start`` and their in-bounds predicate."""
+    rows = tl.arange(0, BLOCK // VEC)
+    offs = start + (rows[:, None] * VEC + tl.arange(0, VEC)[None, :])
+    return offs, offs < n
+
+
+@triton.jit
+def _tile_bits(bits_ptr, start, n, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """The bit of every element of :func:`_tile`, as booleans; out-of-bounds elements read 0.
+
+    Element ``i`` is bit ``i & 7`` of byte ``i >> 3`` (bits.py), so row ``r`` lies in byte
+    ``start // 8 + r // (8 // VEC)`` from bit ``(r % (8 // VEC)) * VEC``: a thread loads one byte
+    per row it holds and expands it with shifts. ``max_contiguous(.., 1)`` keeps that load in the
+    rows' own register layout; left alone, Triton vectorises it in a layout of its own and converts
+    through shared memory, behind a barrier that holds back every data load of the block.
+    """
+    rows = tl.arange(0, BLOCK // VEC)
+    byte_idx = tl.max_contiguous(start // 8 + rows // (8 // VEC), 1)
+    byte = tl.load(bits_ptr + byte_idx, mask=byte_idx * 8 < n, other=0).to(tl.int32)
+    shift = (rows % (8 // VEC)) * VEC
+    return ((byte[:, None] >> (shift[:, None] + tl.arange(0, VEC)[None, :])) & 1) != 0
 
 
 @triton.jit
@@ -69,11 +117,12 @@ def _adam_math(
 
 
 @triton.jit
-def _masked_sgd_kernel(
+def _sgd_block(
     param_ptr,
     grad_ptr,
     buf_ptr,
     mask_ptr,
+    start,
     n,
     lr,
     momentum,
@@ -86,12 +135,12 @@ def _masked_sgd_kernel(
     MAXIMIZE: tl.constexpr,
     FIRST_STEP: tl.constexpr,
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
+    offs, inb = _tile(start, n, BLOCK, VEC)
     active = inb
     if HAS_MASK:
-        active = _bit_is_set(mask_ptr, offs, inb)
+        active = _tile_bits(mask_ptr, start, n, BLOCK, VEC)
     p = tl.load(param_ptr + offs, mask=inb).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=inb).to(tl.float32)
     if MAXIMIZE:
@@ -112,12 +161,13 @@ def _masked_sgd_kernel(
 
 
 @triton.jit
-def _masked_adam_kernel(
+def _adam_block(
     param_ptr,
     grad_ptr,
     m_ptr,
     v_ptr,
     mask_ptr,
+    start,
     n,
     lerp_w,
     beta2,
@@ -132,12 +182,12 @@ def _masked_adam_kernel(
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
+    offs, inb = _tile(start, n, BLOCK, VEC)
     active = inb
     if HAS_MASK:
-        active = _bit_is_set(mask_ptr, offs, inb)
+        active = _tile_bits(mask_ptr, start, n, BLOCK, VEC)
     p = tl.load(param_ptr + offs, mask=inb).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=inb).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=inb).to(tl.float32)
@@ -166,12 +216,13 @@ def _masked_adam_kernel(
 
 
 @triton.jit
-def _theta_update_kernel(
+def _theta_block(
     param_ptr,
     grad_ptr,
     m_ptr,
     v_ptr,
     sel_ptr,
+    start,
     n,
     lr,
     beta1,
@@ -186,11 +237,11 @@ def _theta_update_kernel(
     RULE: tl.constexpr,
     HAS_WD: tl.constexpr,
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Unselected coordinates are stored back with the very bits that were loaded."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    sel = _bit_is_set(sel_ptr, offs, inb)
+    offs, inb = _tile(start, n, BLOCK, VEC)
+    sel = _tile_bits(sel_ptr, start, n, BLOCK, VEC)
     p_old = tl.load(param_ptr + offs, mask=inb)
     p = p_old.to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=inb).to(tl.float32)
@@ -227,6 +278,347 @@ def _theta_update_kernel(
     tl.store(param_ptr + offs, tl.where(sel, p.to(p_old.dtype), p_old), mask=inb)
 
 
+# ----- one tensor per launch: the block is program_id * BLOCK -----
+
+
+@triton.jit
+def _masked_sgd_kernel(
+    param_ptr,
+    grad_ptr,
+    buf_ptr,
+    mask_ptr,
+    n,
+    lr,
+    momentum,
+    one_minus_damp,
+    weight_decay,
+    HAS_MASK: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    _sgd_block(
+        param_ptr,
+        grad_ptr,
+        buf_ptr,
+        mask_ptr,
+        tl.program_id(0).to(tl.int64) * BLOCK,
+        n,
+        lr,
+        momentum,
+        one_minus_damp,
+        weight_decay,
+        HAS_MASK,
+        HAS_WD,
+        HAS_MOMENTUM,
+        NESTEROV,
+        MAXIMIZE,
+        FIRST_STEP,
+        BLOCK,
+        VEC,
+    )
+
+
+@triton.jit
+def _masked_adam_kernel(
+    param_ptr,
+    grad_ptr,
+    m_ptr,
+    v_ptr,
+    mask_ptr,
+    n,
+    lerp_w,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay,
+    neg_step_size,
+    bc2_sqrt,
+    HAS_MASK: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    _adam_block(
+        param_ptr,
+        grad_ptr,
+        m_ptr,
+        v_ptr,
+        mask_ptr,
+        tl.program_id(0).to(tl.int64) * BLOCK,
+        n,
+        lerp_w,
+        beta2,
+        one_minus_beta2,
+        eps,
+        weight_decay,
+        decay,
+        neg_step_size,
+        bc2_sqrt,
+        HAS_MASK,
+        HAS_WD,
+        DECOUPLED,
+        MAXIMIZE,
+        BLOCK,
+        VEC,
+    )
+
+
+@triton.jit
+def _theta_update_kernel(
+    param_ptr,
+    grad_ptr,
+    m_ptr,
+    v_ptr,
+    sel_ptr,
+    n,
+    lr,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay,
+    neg_step_size,
+    bc2_sqrt,
+    RULE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    _theta_block(
+        param_ptr,
+        grad_ptr,
+        m_ptr,
+        v_ptr,
+        sel_ptr,
+        tl.program_id(0).to(tl.int64) * BLOCK,
+        n,
+        lr,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        weight_decay,
+        decay,
+        neg_step_size,
+        bc2_sqrt,
+        RULE,
+        HAS_WD,
+        BLOCK,
+        VEC,
+    )
+
+
+# ----- many tensors per launch: program -> (tensor, block) through the block table -----
+
+
+@triton.jit
+def _multi_block(blocks_ptr, numels_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor index, block start and tensor size, from the host-built tables."""
+    pid = tl.program_id(0)
+    t = tl.load(blocks_ptr + 2 * pid)
+    start = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64) * BLOCK
+    n = tl.load(numels_ptr + t)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
+    return t, start, n
+
+
+@triton.jit
+def _multi_ptr(addrs_ptr, row, n_tensors, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t`` of address row ``row`` as a ``DTYPE`` pointer.
+
+    Divisibility does not survive an integer-to-pointer cast, so without the hint no access would
+    be vectorised; the host sets ``ALIGNED`` only when every base address of the call is 16-byte
+    aligned (and every size a multiple of 16, for the bounds predicate).
+    """
+    ptr = tl.load(addrs_ptr + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _masked_sgd_multi_kernel(
+    addrs_ptr,
+    n_tensors,
+    blocks_ptr,
+    numels_ptr,
+    param0_ptr,
+    grad0_ptr,
+    lr,
+    momentum,
+    one_minus_damp,
+    weight_decay,
+    HAS_MASK: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """Address rows: param, grad, the momentum buffer if HAS_MOMENTUM, then the mask bits if
+    HAS_MASK."""
+    t, start, n = _multi_block(blocks_ptr, numels_ptr, ALIGNED, BLOCK)
+    dtype = param0_ptr.dtype.element_ty
+    param_ptr = _multi_ptr(addrs_ptr, 0, n_tensors, t, dtype, ALIGNED)
+    buf_ptr = param_ptr  # stand-ins for absent rows: never dereferenced
+    mask_ptr = param_ptr
+    if HAS_MOMENTUM:
+        buf_ptr = _multi_ptr(addrs_ptr, 2, n_tensors, t, dtype, ALIGNED)
+    if HAS_MASK:
+        mask_ptr = _multi_ptr(addrs_ptr, 2 + HAS_MOMENTUM, n_tensors, t, tl.uint8, False)
+    _sgd_block(
+        param_ptr,
+        _multi_ptr(addrs_ptr, 1, n_tensors, t, grad0_ptr.dtype.element_ty, ALIGNED),
+        buf_ptr,
+        mask_ptr,
+        start,
+        n,
+        lr,
+        momentum,
+        one_minus_damp,
+        weight_decay,
+        HAS_MASK,
+        HAS_WD,
+        HAS_MOMENTUM,
+        NESTEROV,
+        MAXIMIZE,
+        FIRST_STEP,
+        BLOCK,
+        VEC,
+    )
+
+
+@triton.jit
+def _masked_adam_multi_kernel(
+    addrs_ptr,
+    n_tensors,
+    blocks_ptr,
+    numels_ptr,
+    param0_ptr,
+    grad0_ptr,
+    lerp_w,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay,
+    neg_step_size,
+    bc2_sqrt,
+    HAS_MASK: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """Address rows: param, grad, exp_avg, exp_avg_sq, then the mask bits if HAS_MASK."""
+    t, start, n = _multi_block(blocks_ptr, numels_ptr, ALIGNED, BLOCK)
+    dtype = param0_ptr.dtype.element_ty
+    param_ptr = _multi_ptr(addrs_ptr, 0, n_tensors, t, dtype, ALIGNED)
+    mask_ptr = param_ptr  # stand-in when there is no mask: never dereferenced
+    if HAS_MASK:
+        mask_ptr = _multi_ptr(addrs_ptr, 4, n_tensors, t, tl.uint8, False)
+    _adam_block(
+        param_ptr,
+        _multi_ptr(addrs_ptr, 1, n_tensors, t, grad0_ptr.dtype.element_ty, ALIGNED),
+        _multi_ptr(addrs_ptr, 2, n_tensors, t, dtype, ALIGNED),
+        _multi_ptr(addrs_ptr, 3, n_tensors, t, dtype, ALIGNED),
+        mask_ptr,
+        start,
+        n,
+        lerp_w,
+        beta2,
+        one_minus_beta2,
+        eps,
+        weight_decay,
+        decay,
+        neg_step_size,
+        bc2_sqrt,
+        HAS_MASK,
+        HAS_WD,
+        DECOUPLED,
+        MAXIMIZE,
+        BLOCK,
+        VEC,
+    )
+
+
+@triton.jit
+def _theta_update_multi_kernel(
+    addrs_ptr,
+    n_tensors,
+    blocks_ptr,
+    numels_ptr,
+    param0_ptr,
+    grad0_ptr,
+    lr,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay,
+    neg_step_size,
+    bc2_sqrt,
+    RULE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """Address rows: param, grad, exp_avg if RULE >= 1, exp_avg_sq if RULE == 2, then the select
+    bits (row ``2 + RULE``: the rule id is also its number of state tensors)."""
+    t, start, n = _multi_block(blocks_ptr, numels_ptr, ALIGNED, BLOCK)
+    dtype = param0_ptr.dtype.element_ty
+    param_ptr = _multi_ptr(addrs_ptr, 0, n_tensors, t, dtype, ALIGNED)
+    m_ptr = param_ptr  # stand-ins for the states a rule does not have: never dereferenced
+    v_ptr = param_ptr
+    if RULE >= 1:
+        m_ptr = _multi_ptr(addrs_ptr, 2, n_tensors, t, dtype, ALIGNED)
+    if RULE == 2:
+        v_ptr = _multi_ptr(addrs_ptr, 3, n_tensors, t, dtype, ALIGNED)
+    _theta_block(
+        param_ptr,
+        _multi_ptr(addrs_ptr, 1, n_tensors, t, grad0_ptr.dtype.element_ty, ALIGNED),
+        m_ptr,
+        v_ptr,
+        _multi_ptr(addrs_ptr, 2 + RULE, n_tensors, t, tl.uint8, False),
+        start,
+        n,
+        lr,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        weight_decay,
+        decay,
+        neg_step_size,
+        bc2_sqrt,
+        RULE,
+        HAS_WD,
+        BLOCK,
+        VEC,
+    )
+
+
 def _check(
     name: str, param: torch.Tensor, grad: torch.Tensor, *states: torch.Tensor | None
 ) -> None:
@@ -251,6 +643,127 @@ def _check_bits(name: str, bits: torch.Tensor, param: torch.Tensor) -> None:
         raise ValueError(f"{name}: packed bits must be a contiguous uint8 tensor on param's device")
     if bits.numel() != packed_numel(param.numel()):
         raise ValueError(f"{name}: {bits.numel()} bytes of bits for {param.numel()} weights")
+
+
+class _MultiLaunch(NamedTuple):
+    """What a ``*_multi_kernel`` launch needs beyond the update's own scalars."""
+
+    addrs: torch.Tensor  # int64 [rows * n_tensors]: row r, tensor t at r * n_tensors + t
+    n_tensors: int
+    blocks: torch.Tensor  # int32 [n_blocks, 2]: (tensor index, block index within the tensor)
+    numels: torch.Tensor  # int64 [n_tensors]
+    n_blocks: int
+    aligned: bool
+    block: int
+    vec: int
+    num_warps: int
+
+
+# Small LRU caches. A block table depends on the shapes only. An address table is its own key (its
+# device copy holds exactly the key's integers), so it is reused for as long as the tensors keep
+# their storage: parameters and optimizer states always, gradients when the caching allocator hands
+# the same blocks back; a miss costs one host-to-device copy of a few hundred int64.
+_CACHE_SIZE = 16
+_BLOCK_TABLES: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
+_ADDRESS_TABLES: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+_INTERPRETED = not isinstance(_theta_update_multi_kernel, triton.runtime.JITFunction)
+
+
+def _cached(cache: OrderedDict, key: tuple, build):
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
+def _block_table(
+    numels: tuple[int, ...], block: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    counts = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
+    n_blocks = int(counts.sum())
+    if n_blocks >= 2**31:
+        raise ValueError(f"{n_blocks} blocks of {block} weights do not fit one launch")
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.cumsum(counts, 0) - counts  # first program of each tensor
+    index = torch.arange(n_blocks) - first[tensor]
+    table = torch.stack([tensor, index], dim=1).to(torch.int32)
+    return (
+        table.to(device),
+        torch.tensor(numels, dtype=torch.int64).to(device),
+        n_blocks,
+    )
+
+
+def _address_table(
+    addrs: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    host = torch.frombuffer(array("q", addrs), dtype=torch.int64)
+    # From pageable memory CUDA stages the copy before returning, without waiting for the stream;
+    # the cache keeps the host tensor alive all the same.
+    return host, host.to(device, non_blocking=True)
+
+
+def _multi_launch(
+    name: str,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[Sequence[torch.Tensor]],
+    bits: Sequence[Sequence[torch.Tensor]],
+) -> _MultiLaunch | None:
+    """Check lists as :func:`_check` / :func:`_check_bits` check one tensor, and build the tables.
+
+    Address rows, in this order: params, grads, each state list (the params' dtype), each packed-bit
+    list. ``None`` when there is nothing to update.
+    """
+    rows = [params, grads, *states, *bits]
+    n_tensors = len(params)
+    if any(len(row) != n_tensors for row in rows):
+        raise ValueError(f"{name}: every list must have one tensor per parameter")
+    if n_tensors == 0:
+        return None
+    dtype, grad_dtype, device = params[0].dtype, grads[0].dtype, params[0].device
+    if _INTERPRETED and device.type != "cpu":
+        # The interpreter runs on host copies of the arguments; the addresses would be the device's.
+        raise RuntimeError(f"{name}: under TRITON_INTERPRET the tensors must be on the CPU")
+    if dtype not in _DTYPES or grad_dtype not in _DTYPES:
+        raise TypeError(f"{name}: param/grad must be fp32, fp16 or bf16")
+    if any(p.dtype != dtype for p in params) or any(g.dtype != grad_dtype for g in grads):
+        raise TypeError(f"{name}: params (and grads) must share one dtype")
+    if any(s.dtype != dtype for row in states for s in row):
+        raise ValueError(f"{name}: state tensors must match param in shape, dtype and device")
+    if any(b.dtype != torch.uint8 for row in bits for b in row):
+        raise ValueError(f"{name}: packed bits must be a contiguous uint8 tensor on param's device")
+    if any(t.device != device for row in rows for t in row):
+        raise ValueError(f"{name}: every tensor must be on one device")
+    if not all(t.is_contiguous() for row in rows for t in row):
+        raise ValueError(f"{name}: every tensor must be contiguous")
+    shapes = [p.shape for p in params]
+    if any([t.shape for t in row] != shapes for row in (grads, *states)):
+        raise ValueError(f"{name}: grads and states must match their param's shape")
+    numels = tuple(p.numel() for p in params)
+    nbytes = [packed_numel(n) for n in numels]
+    if any([b.numel() for b in row] != nbytes for row in bits):
+        raise ValueError(f"{name}: packed bits must hold ceil(numel / 8) bytes per param")
+
+    addrs = tuple(t.data_ptr() for row in rows for t in row)
+    n_float = (2 + len(states)) * n_tensors  # the rows read as vectors: all but the bits
+    aligned = all(n % _ALIGN == 0 for n in numels) and all(a % _ALIGN == 0 for a in addrs[:n_float])
+    block, vec, num_warps = launch_config(dtype)
+    blocks, numels_dev, n_blocks = _cached(
+        _BLOCK_TABLES, (device, block, numels), lambda: _block_table(numels, block, device)
+    )
+    if n_blocks == 0:
+        return None
+    _, addrs_dev = _cached(_ADDRESS_TABLES, (device, addrs), lambda: _address_table(addrs, device))
+    return _MultiLaunch(
+        addrs_dev, n_tensors, blocks, numels_dev, n_blocks, aligned, block, vec, num_warps
+    )
 
 
 def _adam_scalars(
@@ -292,7 +805,8 @@ def fused_masked_sgd_(
     n = param.numel()
     if n == 0:
         return
-    _masked_sgd_kernel[(triton.cdiv(n, BLOCK),)](
+    block, vec, num_warps = launch_config(param.dtype)
+    _masked_sgd_kernel[(triton.cdiv(n, block),)](
         param,
         grad,
         momentum_buffer if has_momentum else None,
@@ -308,8 +822,9 @@ def fused_masked_sgd_(
         NESTEROV=bool(nesterov),
         MAXIMIZE=bool(maximize),
         FIRST_STEP=bool(first_step),
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        BLOCK=block,
+        VEC=vec,
+        num_warps=num_warps,
     )
 
 
@@ -337,7 +852,8 @@ def fused_masked_adam_(
     n = param.numel()
     if n == 0:
         return
-    _masked_adam_kernel[(triton.cdiv(n, BLOCK),)](
+    block, vec, num_warps = launch_config(param.dtype)
+    _masked_adam_kernel[(triton.cdiv(n, block),)](
         param,
         grad,
         exp_avg,
@@ -356,8 +872,9 @@ def fused_masked_adam_(
         HAS_WD=weight_decay != 0,
         DECOUPLED=bool(decoupled_weight_decay),
         MAXIMIZE=bool(maximize),
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        BLOCK=block,
+        VEC=vec,
+        num_warps=num_warps,
     )
 
 
@@ -392,7 +909,8 @@ def fused_theta_update_(
     n = param.numel()
     if n == 0:
         return
-    _theta_update_kernel[(triton.cdiv(n, BLOCK),)](
+    block, vec, num_warps = launch_config(param.dtype)
+    _theta_update_kernel[(triton.cdiv(n, block),)](
         param,
         grad,
         exp_avg if uses_m else None,
@@ -411,6 +929,179 @@ def fused_theta_update_(
         scalars["bc2_sqrt"],
         RULE=_RULE_IDS[rule],
         HAS_WD=weight_decay != 0,
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        BLOCK=block,
+        VEC=vec,
+        num_warps=num_warps,
+    )
+
+
+def fused_masked_sgd_multi_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor] | None,
+    mask_bits: Sequence[torch.Tensor] | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+) -> None:
+    """:func:`fused_masked_sgd_` on every ``(params[i], grads[i], ...)`` in one launch.
+
+    Lists hold one tensor per parameter (``mask_bits`` is a list, or ``None`` for all); each list
+    shares one dtype, every tensor is contiguous and on one device.
+    """
+    has_momentum = momentum != 0
+    if has_momentum and momentum_buffers is None:
+        raise ValueError("fused_masked_sgd_multi_: momentum != 0 needs momentum_buffers")
+    launch = _multi_launch(
+        "fused_masked_sgd_multi_",
+        params,
+        grads,
+        [momentum_buffers] if has_momentum and momentum_buffers is not None else [],
+        [] if mask_bits is None else [mask_bits],
+    )
+    if launch is None:
+        return
+    _masked_sgd_multi_kernel[(launch.n_blocks,)](
+        launch.addrs,
+        launch.n_tensors,
+        launch.blocks,
+        launch.numels,
+        params[0],
+        grads[0],
+        float(lr),
+        float(momentum),
+        float(1 - dampening),
+        float(weight_decay),
+        HAS_MASK=mask_bits is not None,
+        HAS_WD=weight_decay != 0,
+        HAS_MOMENTUM=has_momentum,
+        NESTEROV=bool(nesterov),
+        MAXIMIZE=bool(maximize),
+        FIRST_STEP=bool(first_step),
+        ALIGNED=launch.aligned,
+        BLOCK=launch.block,
+        VEC=launch.vec,
+        num_warps=launch.num_warps,
+    )
+
+
+def fused_masked_adam_multi_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    mask_bits: Sequence[torch.Tensor] | None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """:func:`fused_masked_adam_` on every ``(params[i], grads[i], ...)`` in one launch (lists as in
+    :func:`fused_masked_sgd_multi_`)."""
+    scalars = _adam_scalars(step, lr, beta1, beta2, weight_decay)
+    launch = _multi_launch(
+        "fused_masked_adam_multi_",
+        params,
+        grads,
+        [exp_avgs, exp_avg_sqs],
+        [] if mask_bits is None else [mask_bits],
+    )
+    if launch is None:
+        return
+    _masked_adam_multi_kernel[(launch.n_blocks,)](
+        launch.addrs,
+        launch.n_tensors,
+        launch.blocks,
+        launch.numels,
+        params[0],
+        grads[0],
+        float(1 - beta1),
+        scalars["beta2"],
+        scalars["one_minus_beta2"],
+        float(eps),
+        float(weight_decay),
+        scalars["decay"],
+        scalars["neg_step_size"],
+        scalars["bc2_sqrt"],
+        HAS_MASK=mask_bits is not None,
+        HAS_WD=weight_decay != 0,
+        DECOUPLED=bool(decoupled_weight_decay),
+        MAXIMIZE=bool(maximize),
+        ALIGNED=launch.aligned,
+        BLOCK=launch.block,
+        VEC=launch.vec,
+        num_warps=launch.num_warps,
+    )
+
+
+def fused_theta_update_multi_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    select_bits: Sequence[torch.Tensor],
+    *,
+    rule: str,
+    lr: float,
+    step: int,
+    exp_avgs: Sequence[torch.Tensor] | None = None,
+    exp_avg_sqs: Sequence[torch.Tensor] | None = None,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """:func:`fused_theta_update_` on every ``(params[i], grads[i], select_bits[i], ...)`` in one
+    launch: the RESU phase's theta step over all managed weights.
+
+    ``exp_avgs`` / ``exp_avg_sqs`` are lists (one state per parameter) where the rule needs them;
+    lists as in :func:`fused_masked_sgd_multi_`. The reference is a loop of
+    :func:`reference.theta_update_`.
+    """
+    check_theta_args(rule, exp_avgs, exp_avg_sqs)  # type: ignore[arg-type]  # presence only
+    uses_m, uses_v = rule != "sgd", rule == "adamw"
+    scalars = _adam_scalars(step if uses_v else 1, lr, beta1, beta2, weight_decay)
+    states = [exp_avgs] if uses_m else []
+    if uses_v:
+        states.append(exp_avg_sqs)
+    launch = _multi_launch(
+        "fused_theta_update_multi_",
+        params,
+        grads,
+        states,  # type: ignore[arg-type]
+        [select_bits],
+    )
+    if launch is None:
+        return
+    _theta_update_multi_kernel[(launch.n_blocks,)](
+        launch.addrs,
+        launch.n_tensors,
+        launch.blocks,
+        launch.numels,
+        params[0],
+        grads[0],
+        float(lr),
+        float(beta1),
+        float(1 - beta1),
+        scalars["beta2"],
+        scalars["one_minus_beta2"],
+        float(eps),
+        float(weight_decay),
+        scalars["decay"],
+        scalars["neg_step_size"],
+        scalars["bc2_sqrt"],
+        RULE=_RULE_IDS[rule],
+        HAS_WD=weight_decay != 0,
+        ALIGNED=launch.aligned,
+        BLOCK=launch.block,
+        VEC=launch.vec,
+        num_warps=launch.num_warps,
     )

@@ -27,26 +27,36 @@ def amnesty_scores(weight: torch.Tensor, score: str) -> torch.Tensor:
 
 
 def amnesty_mask(
-    scores: torch.Tensor, old_mask: torch.Tensor, n_keep: int, budget: float
+    scores: torch.Tensor,
+    old_mask: torch.Tensor,
+    n_keep: int,
+    budget: float,
+    active_count: int | None = None,
 ) -> AmnestyResult:
     """The tournament: ``n_R = int(r * n_keep)`` places reserved for previously pruned coordinates.
 
     Actives compete among themselves for ``n_A = n_keep - n_R`` places, pruned ones for ``n_R``.
     A group too small to fill its places leaves a shortfall, filled first from the rest of P by
-    score, then from the rest of A. Ties go to the lower index.
+    score, then from the rest of A. Ties go to the lower index. Group sizes are host integers
+    (``active_count`` = ``|A|``, counted if not given), so the tournament never waits on the device.
     """
     old_pruned = ~old_mask
+    numel = old_mask.numel()
+    n_active = int(old_mask.sum()) if active_count is None else active_count
+    n_pruned = numel - n_active
+    n_keep = min(n_keep, numel)
     n_reserved = int(budget * n_keep)
-    n_active_places = n_keep - n_reserved
-    winners = topk_mask(scores, n_active_places, eligible=old_mask)
-    winners |= topk_mask(scores, n_reserved, eligible=old_pruned)
-    shortfall = n_keep - int(winners.sum())
-    if shortfall > 0:
-        winners |= topk_mask(scores, shortfall, eligible=old_pruned & ~winners)
-        shortfall = n_keep - int(winners.sum())
-    if shortfall > 0:
-        winners |= topk_mask(scores, shortfall, eligible=old_mask & ~winners)
-    resurrected = int((winners & old_pruned).sum())
+    from_active = min(n_keep - n_reserved, n_active)
+    from_pruned = min(n_reserved, n_pruned)
+    winners = topk_mask(scores, from_active, eligible=old_mask)
+    winners |= topk_mask(scores, from_pruned, eligible=old_pruned)
+    shortfall = n_keep - from_active - from_pruned
+    extra_pruned = min(shortfall, n_pruned - from_pruned)
+    if extra_pruned > 0:
+        winners |= topk_mask(scores, extra_pruned, eligible=old_pruned & ~winners)
+    extra_active = shortfall - extra_pruned
+    if extra_active > 0:
+        winners |= topk_mask(scores, extra_active, eligible=old_mask & ~winners)
     return AmnestyResult(
-        mask=winners, n_keep=n_keep, n_reserved=n_reserved, resurrected=resurrected
+        mask=winners, n_keep=n_keep, n_reserved=n_reserved, resurrected=from_pruned + extra_pruned
     )

@@ -21,9 +21,7 @@ def prune_mask(
     """New mask keeping the best ``int((1 - s) * N)`` coordinates of the current active set.
 
     Pruning never revives: coordinates already pruned stay pruned (growth happens only at commit),
-    so when ``sparsity`` is below the current one the mask is returned unchanged.
+    so when ``sparsity`` is below the current one the mask comes back unchanged.
     """
     n_keep = keep_count(weight.numel(), sparsity)
-    if mask is not None and int(mask.sum()) <= n_keep:
-        return mask.clone()
     return topk_mask(prune_scores(weight, criterion), n_keep, eligible=mask)

@@ -8,20 +8,27 @@ from resu_compile.method.topk import topk_mask
 
 
 def select_trainable(
-    pruned: torch.Tensor, mode: str, alpha: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Bool mask of S within ``pruned`` (METHOD.md section 4).
+    pruned: torch.Tensor,
+    mode: str,
+    alpha: float,
+    generator: torch.Generator,
+    pruned_count: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Bool mask of S within ``pruned`` (METHOD.md section 4), and ``|S|``.
 
     - ``all``: ``S = P``.
     - ``random``: exactly ``int(alpha * |P|)`` coordinates of P, uniformly at random, drawn once
-      at entry (the top-k of uniform noise over P: no permutation, no host round trip).
+      at entry (the top-k of uniform noise over P: no permutation, no host round trip when the
+      caller knows ``pruned_count``).
     """
+    if pruned_count is None:
+        pruned_count = int(pruned.sum())
     if mode == "all":
-        return pruned.clone()
+        return pruned.clone(), pruned_count
     if mode == "random":
-        count = int(alpha * int(pruned.sum()))
+        count = int(alpha * pruned_count)
         noise = torch.rand(pruned.shape, generator=generator, device=pruned.device)
-        return topk_mask(noise, count, eligible=pruned)
+        return topk_mask(noise, count, eligible=pruned), count
     raise ValueError(f"selection: unknown selective mode {mode!r}")
 
 

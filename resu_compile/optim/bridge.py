@@ -18,9 +18,9 @@ import torch
 
 from resu_compile.optim.updates import (
     HostSteps,
-    kernels_for,
     masked_update,
     preserves_zeros,
+    theta_update,
     update_rule,
     weight_shaped_state,
 )
@@ -44,6 +44,7 @@ class OptimizerBridge:
         self._hooks: list[Any] = []
         self._stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._groups: dict[int, dict[str, Any]] = {}
+        self._validated: tuple[int, int, int] | None = None
         self._skip_managed = False
         self._fallback: list[ManagedWeight] = []
         self._host_steps = HostSteps()
@@ -97,6 +98,9 @@ class OptimizerBridge:
                 "step(): no managed weight found (the model must run a forward pass first, and "
                 f"at least one weight must qualify):\n{self._controller.report()}"
             )
+        key = (id(optimizer), len(weights), sum(len(g["params"]) for g in optimizer.param_groups))
+        if key == self._validated:
+            return
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         missing = [w.name for w in weights if id(w.param) not in groups]
         if missing:
@@ -105,6 +109,7 @@ class OptimizerBridge:
                 "optimizer built over model.parameters()"
             )
         self._groups = groups
+        self._validated = key
 
     def _before(self, optimizer: torch.optim.Optimizer) -> None:
         self._validate(optimizer)
@@ -112,8 +117,15 @@ class OptimizerBridge:
         controller = self._controller
         controller.advance()
         weights = [w for w in controller.state if w.param.grad is not None]
+        in_resu = controller.phase.value == "resu"
+        plans = {} if in_resu else {id(w): self._sparse_plan(optimizer, w) for w in weights}
         self._fallback = []
-        self._skip_managed = not self._grads_finite(weights)
+        # Only steps whose managed updates run through our own code check gradients for NaN/Inf
+        # (one host sync); with the gradient masked in the graph, pruned slots never see a NaN
+        # and actives are the user's optimizer's business, exactly as in dense training.
+        ours = in_resu or any(plans.values())
+        check = ours or controller.config.nan_policy == "raise"
+        self._skip_managed = check and not self._grads_finite(weights)
         if self._skip_managed:
             controller.nonfinite_steps += 1
             if controller.config.nan_policy == "raise":
@@ -123,12 +135,8 @@ class OptimizerBridge:
             for weight in weights:
                 self._take_grad(weight.param)
             return
-        in_resu = controller.phase.value == "resu"
         for weight in weights:
-            if in_resu:
-                self._take_grad(weight.param)
-                continue
-            plan = self._sparse_plan(optimizer, weight)
+            plan = "kernel" if in_resu else plans[id(weight)]
             if plan == "kernel":
                 self._take_grad(weight.param)
             elif plan == "fallback":
@@ -175,45 +183,47 @@ class OptimizerBridge:
     def _update_managed(
         self, optimizer: torch.optim.Optimizer, stash: dict[int, tuple[torch.Tensor, torch.Tensor]]
     ) -> None:
-        controller = self._controller
-        in_resu = controller.phase.value == "resu"
-        for weight in controller.state:
-            taken = stash.get(id(weight.param))
-            if in_resu:
-                if taken is not None:
-                    self._theta_step(optimizer, weight, taken[1])
-            elif taken is not None:  # "kernel" plan
+        taken = [(w, stash[id(w.param)][1]) for w in self._controller.state if id(w.param) in stash]
+        if self._controller.phase.value == "resu":
+            self._theta_step(optimizer, taken)
+        else:  # the "kernel" plan: one batched masked update per param group
+            by_group: dict[int, list[tuple[ManagedWeight, torch.Tensor]]] = {}
+            for weight, grad in taken:
+                by_group.setdefault(id(self._groups[id(weight.param)]), []).append((weight, grad))
+            for members in by_group.values():
                 masked_update(
                     optimizer,
-                    self._groups[id(weight.param)],
-                    weight.param,
-                    taken[1],
-                    weight.mask_bits,
+                    self._groups[id(members[0][0].param)],
+                    [w.param for w, _ in members],
+                    [g for _, g in members],
+                    [w.mask_bits for w, _ in members],
                     self._host_steps,
                 )
         for weight in self._fallback:
             self.zero_coordinates(optimizer, weight.param, ~weight.mask())
 
     def _theta_step(
-        self, optimizer: torch.optim.Optimizer, weight: ManagedWeight, grad: torch.Tensor
+        self, optimizer: torch.optim.Optimizer, taken: list[tuple[ManagedWeight, torch.Tensor]]
     ) -> None:
         config = self._controller.config
-        exp_avg, exp_avg_sq = self._theta_slots(optimizer, weight)
+        slots = [self._theta_slots(optimizer, weight) for weight, _ in taken]
         if self._controller.resu_steps == 0:
             # Theta's moments start at zero on every pruned slot, whatever the slot held.
-            pruned = ~weight.mask() if weight.mask_bits is not None else None
-            for slot in (exp_avg, exp_avg_sq):
-                if slot is not None and pruned is not None:
-                    slot.masked_fill_(pruned, 0)
-        kernels_for(weight.param).theta_update_(
-            weight.param,
-            grad,
-            weight.select_bits,
+            for (weight, _), pair in zip(taken, slots, strict=True):
+                if weight.mask_bits is not None:
+                    pruned = ~weight.mask()
+                    for slot in pair:
+                        if slot is not None:
+                            slot.masked_fill_(pruned, 0)
+        theta_update(
+            [w.param for w, _ in taken],
+            [g for _, g in taken],
+            [w.select_bits for w, _ in taken],
+            [pair[0] for pair in slots],
+            [pair[1] for pair in slots],
             rule=config.theta_optimizer,
             lr=config.theta_lr,
             step=self._controller.resu_steps + 1,
-            exp_avg=exp_avg,
-            exp_avg_sq=exp_avg_sq,
             beta1=config.theta_betas[0],
             beta2=config.theta_betas[1],
             weight_decay=config.theta_weight_decay,

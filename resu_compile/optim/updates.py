@@ -12,31 +12,62 @@ On CUDA the fused Triton kernels run; elsewhere the pure-PyTorch references (the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from resu_compile.kernels import reference
 
 
-class UpdateKernels(NamedTuple):
-    """The three update kernels for one device."""
-
-    masked_sgd_: Callable[..., None]
-    masked_adam_: Callable[..., None]
-    theta_update_: Callable[..., None]
+def _fused(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve this tensor (contiguous CUDA); else the reference does."""
+    return tensor.is_cuda and tensor.is_contiguous()
 
 
-def kernels_for(param: torch.Tensor) -> UpdateKernels:
-    """Fused Triton kernels for contiguous CUDA weights, the pure-PyTorch references otherwise."""
-    if param.is_cuda and param.is_contiguous():
-        from resu_compile.kernels import fused_update as fused
+def _batched(params: list[torch.Tensor], *lists: list[torch.Tensor | None]) -> bool:
+    """Whether one multi-tensor Triton launch can serve these tensors (fused, one dtype per list)."""
+    tensors = [t for t in (*params, *(t for lst in lists for t in lst)) if t is not None]
+    return (
+        all(_fused(t) for t in tensors)
+        and len({p.dtype for p in params}) == 1
+        and all(len({t.dtype for t in lst if t is not None}) <= 1 for lst in lists)
+    )
 
-        return UpdateKernels(
-            fused.fused_masked_sgd_, fused.fused_masked_adam_, fused.fused_theta_update_
+
+def _run(name: str, lists: dict[str, list[Any]], **hyper: Any) -> None:
+    """Call kernel ``name`` over per-weight ``lists``: one fused launch on CUDA, else per weight.
+
+    ``name`` is the per-tensor reference / kernel name (``theta_update_``, ...); its multi-tensor
+    Triton twin is ``fused_<name>multi_``, which takes the same arguments as lists (keyword ones
+    pluralised, an all-None list as None). ``lists`` holds one entry per weight.
+    """
+    positional = _POSITIONAL[name]
+    keywords = [key for key in lists if key not in positional]
+    params = lists["param"]
+    columns = {k: (None if all(v is None for v in vs) else vs) for k, vs in lists.items()}
+    if params and _batched(params, *(v for v in columns.values() if v is not None)):
+        from resu_compile.kernels import fused_update
+
+        getattr(fused_update, f"fused_{name}multi_")(
+            *(columns[k] for k in positional), **{f"{k}s": columns[k] for k in keywords}, **hyper
         )
-    return UpdateKernels(reference.masked_sgd_, reference.masked_adam_, reference.theta_update_)
+        return
+    for i, param in enumerate(params):
+        if _fused(param):
+            from resu_compile.kernels import fused_update
+
+            kernel = getattr(fused_update, f"fused_{name}")
+        else:
+            kernel = getattr(reference, name)
+        kernel(*(lists[k][i] for k in positional), **{k: lists[k][i] for k in keywords}, **hyper)
+
+
+# Positional parameters of each kernel, in order (the rest are keyword arguments).
+_POSITIONAL = {
+    "masked_sgd_": ("param", "grad", "momentum_buffer", "mask_bits"),
+    "masked_adam_": ("param", "grad", "exp_avg", "exp_avg_sq", "mask_bits"),
+    "theta_update_": ("param", "grad", "select_bits"),
+}
 
 
 def preserves_zeros(optimizer: torch.optim.Optimizer) -> bool:
@@ -87,63 +118,108 @@ class HostSteps:
 def masked_update(
     optimizer: torch.optim.Optimizer,
     group: dict[str, Any],
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    mask_bits: torch.Tensor | None,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    mask_bits: list[torch.Tensor | None],
     host_steps: HostSteps,
 ) -> None:
-    """One optimizer step of ``param`` on its active coordinates; pruned ones end exactly 0."""
+    """One optimizer step of ``group``'s managed ``params``: active coordinates as torch.optim
+    steps them, pruned ones exactly 0. One fused launch for all of them on CUDA where possible."""
     rule = update_rule(optimizer, group)
-    kernels = kernels_for(param)
-    state = optimizer.state[param]
+    states = [optimizer.state[p] for p in params]
     if rule == "sgd":
         momentum = _scalar(group["momentum"])
-        buffer = state.get("momentum_buffer")
-        first_step = momentum != 0 and buffer is None
-        if first_step:
-            buffer = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["momentum_buffer"] = buffer
-        kernels.masked_sgd_(
-            param,
-            grad,
-            buffer if momentum != 0 else None,
-            mask_bits,
-            lr=_scalar(group["lr"]),
-            momentum=momentum,
-            dampening=_scalar(group["dampening"]),
-            weight_decay=_scalar(group["weight_decay"]),
-            nesterov=bool(group["nesterov"]),
-            maximize=bool(group["maximize"]),
-            first_step=first_step,
-        )
+        hyper = {
+            "lr": _scalar(group["lr"]),
+            "momentum": momentum,
+            "dampening": _scalar(group["dampening"]),
+            "weight_decay": _scalar(group["weight_decay"]),
+            "nesterov": bool(group["nesterov"]),
+            "maximize": bool(group["maximize"]),
+        }
+        buffers: list[torch.Tensor | None] = []
+        first: list[bool] = []
+        for param, state in zip(params, states, strict=True):
+            first.append(momentum != 0 and state.get("momentum_buffer") is None)
+            if first[-1]:
+                state["momentum_buffer"] = torch.zeros_like(
+                    param, memory_format=torch.preserve_format
+                )
+            buffers.append(state["momentum_buffer"] if momentum != 0 else None)
+        for flag in sorted(set(first)):  # a launch per first-step flag (torch initialises apart)
+            pick = [i for i, f in enumerate(first) if f == flag]
+            _run(
+                "masked_sgd_",
+                {
+                    "param": [params[i] for i in pick],
+                    "grad": [grads[i] for i in pick],
+                    "momentum_buffer": [buffers[i] for i in pick],
+                    "mask_bits": [mask_bits[i] for i in pick],
+                },
+                first_step=flag,
+                **hyper,
+            )
         return
     if rule == "adam":
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.optim.optimizer._get_scalar_dtype())
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        step = host_steps.advance(param, state["step"])
+        for param, state in zip(params, states, strict=True):
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.optim.optimizer._get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        steps = [
+            host_steps.advance(p, state["step"]) for p, state in zip(params, states, strict=True)
+        ]
         beta1, beta2 = (_scalar(b) for b in group["betas"])
-        kernels.masked_adam_(
-            param,
-            grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            mask_bits,
-            step=step,
-            lr=_scalar(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=_scalar(group["eps"]),
-            weight_decay=_scalar(group["weight_decay"]),
-            decoupled_weight_decay=bool(
+        hyper = {
+            "lr": _scalar(group["lr"]),
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": _scalar(group["eps"]),
+            "weight_decay": _scalar(group["weight_decay"]),
+            "decoupled_weight_decay": bool(
                 group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
             ),
-            maximize=bool(group["maximize"]),
-        )
+            "maximize": bool(group["maximize"]),
+        }
+        for step in sorted(set(steps)):  # a launch per step count (they differ only rarely)
+            pick = [i for i, s in enumerate(steps) if s == step]
+            _run(
+                "masked_adam_",
+                {
+                    "param": [params[i] for i in pick],
+                    "grad": [grads[i] for i in pick],
+                    "exp_avg": [states[i]["exp_avg"] for i in pick],
+                    "exp_avg_sq": [states[i]["exp_avg_sq"] for i in pick],
+                    "mask_bits": [mask_bits[i] for i in pick],
+                },
+                step=step,
+                **hyper,
+            )
         return
     raise ValueError(
         f"masked_update: {type(optimizer).__name__} has no masked kernel; use the fallback"
+    )
+
+
+def theta_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    select_bits: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor | None],
+    exp_avg_sqs: list[torch.Tensor | None],
+    **hyper: Any,
+) -> None:
+    """The RESU phase's theta step for every managed weight (one fused launch on CUDA)."""
+    _run(
+        "theta_update_",
+        {
+            "param": params,
+            "grad": grads,
+            "select_bits": select_bits,
+            "exp_avg": exp_avgs,
+            "exp_avg_sq": exp_avg_sqs,
+        },
+        **hyper,
     )
 
 
