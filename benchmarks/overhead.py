@@ -39,7 +39,7 @@ MODELS = ("gpt2", "vit")
 # resu.compile configurations measured against dense; the first is the default one.
 RESU_MODES = {
     "resu": {},
-    "resu:optimizer-mask": {"gradient_mask": "optimizer"},
+    "resu:graph-mask": {"gradient_mask": "graph"},
     "resu:resu-linear": {"linear_op": "resu"},
 }
 MODES = ("dense", *RESU_MODES)

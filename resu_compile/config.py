@@ -73,10 +73,11 @@ class ResuConfig:
             gradients hold NaN/Inf (and counts it); "raise" raises instead.
     Compiler:
         compiler: inner compiler the rewritten graphs are handed to.
-        gradient_mask: where sparse phases zero the pruned gradients: "graph" (in the compiled
-            backward, fused into the kernel that writes the gradient; the user's optimizer then
-            steps every weight as usual) or "optimizer" (our fused masked SGD / Adam / AdamW
-            kernel per weight). benchmarks/overhead.py measures both.
+        gradient_mask: where sparse phases apply the mask: "optimizer" (our fused masked SGD /
+            Adam / AdamW update, one multi-tensor launch) or "graph" (zeroed in the compiled
+            backward, fused into the kernel that writes the gradient, after which the user's own
+            optimizer keeps pruned weights at zero). benchmarks/overhead.py measures both; the
+            default is the faster one there.
         linear_op: "aten" keeps the captured matmuls; "resu" routes linear-like uses through the
             ``resu::linear`` custom op (the extension point for storage modes that keep theta
             apart). benchmarks/overhead.py measures both.
@@ -108,7 +109,7 @@ class ResuConfig:
     seed: int = 0
     nan_policy: str = "skip"
     compiler: str = "inductor"
-    gradient_mask: str = "graph"
+    gradient_mask: str = "optimizer"
     linear_op: str = "aten"
 
     def __post_init__(self) -> None:

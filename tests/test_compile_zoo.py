@@ -58,13 +58,14 @@ def _assert_matches_eager(
             torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("gradient_mask", ["optimizer", "graph"])
 @pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
 def test_resu_compile_manages_expected_set_and_matches_eager_in_every_phase(
-    entry: ZooEntry,
+    entry: ZooEntry, gradient_mask: str
 ) -> None:
     _require(entry)
     model = entry.build()
-    compiled = resu.compile(model, **OPTIONS)
+    compiled = resu.compile(model, gradient_mask=gradient_mask, **OPTIONS)
     _assert_matches_eager(entry, compiled, model)  # dense, and registers every graph
     controller = compiled.resu
     assert set(controller.state.names()) == entry.expected_managed

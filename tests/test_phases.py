@@ -66,7 +66,9 @@ def test_each_variant_compiles_once_with_its_rewrite(monkeypatch: pytest.MonkeyP
     built = _record_variants(monkeypatch)
     entry = ZOO_BY_NAME["conv1d_gpt2"]
     model = entry.build()
-    compiled = resu.compile(model, sparsity=0.5, manual=True, compiler="aot_eager")
+    compiled = resu.compile(
+        model, sparsity=0.5, manual=True, compiler="aot_eager", gradient_mask="graph"
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(2):
         _train_step(compiled, model, optimizer, entry.make_batch(0))
