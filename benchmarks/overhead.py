@@ -122,6 +122,20 @@ def _measure(fn: Callable[[], None], steps: int, warmup: int = 5) -> dict[str, f
     }
 
 
+def _transition(fn: Callable[[], None], name: str) -> float:
+    """Milliseconds of one transition; with $RESU_PROFILE_DIR set, also a profiler table of it."""
+    profile_dir = os.environ.get("RESU_PROFILE_DIR")
+    if not profile_dir:
+        return _timed(fn)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        ms = _timed(fn)
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+    Path(profile_dir, f"{name}.txt").write_text(table)
+    return ms
+
+
 def _dynamo_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
@@ -148,11 +162,11 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     result["managed_weights"] = managed
     per_100m = 1e8 / managed
     phases: dict[str, Any] = {"dense (before prune)": _measure(trainer.step, steps)}
-    transitions = {"prune": _timed(controller.prune) * per_100m}
+    transitions = {"prune": _transition(controller.prune, f"{model_name}-prune") * per_100m}
     phases["sparse"] = _measure(trainer.step, steps)
-    transitions["enter_resu"] = _timed(controller.enter_resu) * per_100m
+    transitions["enter_resu"] = _transition(controller.enter_resu, f"{model_name}-resu") * per_100m
     phases["resu"] = _measure(trainer.step, steps)
-    transitions["commit"] = _timed(controller.commit) * per_100m
+    transitions["commit"] = _transition(controller.commit, f"{model_name}-commit") * per_100m
     with controller.calibrate():
         result["calibrate_compile_s"] = _timed(trainer.forward_only) / 1e3
         phases["calibrate (forward)"] = _measure(trainer.forward_only, steps)
