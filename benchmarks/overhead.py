@@ -162,7 +162,9 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     result["managed_weights"] = managed
     per_100m = 1e8 / managed
     phases: dict[str, Any] = {"dense (before prune)": _measure(trainer.step, steps)}
-    transitions = {"prune": _transition(controller.prune, f"{model_name}-prune") * per_100m}
+    transitions = {
+        "prune": _transition(lambda: controller.prune(SPARSITY), f"{model_name}-prune") * per_100m
+    }
     phases["sparse"] = _measure(trainer.step, steps)
     transitions["enter_resu"] = _transition(controller.enter_resu, f"{model_name}-resu") * per_100m
     phases["resu"] = _measure(trainer.step, steps)
@@ -173,7 +175,7 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     result.update(_dynamo_counts())
     # Steady state: a full cycle through every variant must compile nothing new.
     with torch.compiler.set_stance("fail_on_recompile"):
-        controller.prune()
+        controller.prune(SPARSITY)
         trainer.step()
         controller.enter_resu()
         trainer.step()
@@ -184,7 +186,43 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     result["steady_state_recompiles"] = _dynamo_counts()["graphs"] - result["graphs"]
     result["phases"] = phases
     result["transitions_ms_per_100M"] = transitions
+    result["interleaved"] = _interleaved_phases(model_name, trainer)
     return result
+
+
+def _interleaved(
+    ours: Callable[[], None], dense: Callable[[], None], rounds: int = 6, block: int = 5
+) -> dict[str, float]:
+    """Step times of ``ours`` and of the dense baseline, alternating blocks in one process.
+
+    Separate processes differ by a few percent from one another (clocks, allocator state);
+    alternating blocks puts both under the same conditions, so their ratio is the overhead.
+    """
+    for _ in range(2):
+        ours()
+        dense()
+    mine: list[float] = []
+    theirs: list[float] = []
+    for _ in range(rounds):
+        mine += [_timed(ours) for _ in range(block)]
+        theirs += [_timed(dense) for _ in range(block)]
+    ms, dense_ms = statistics.median(mine), statistics.median(theirs)
+    return {"ms": ms, "dense_ms": dense_ms, "ratio": ms / dense_ms}
+
+
+def _interleaved_phases(model_name: str, trainer: Trainer) -> dict[str, dict[str, float]]:
+    """Each phase of ``trainer`` against a dense torch.compile model built in this process."""
+    baseline = Trainer(model_name, "dense")
+    baseline.step()  # compile
+    controller = trainer.compiled.resu
+    controller.prune(SPARSITY)
+    out = {"sparse": _interleaved(trainer.step, baseline.step)}
+    controller.enter_resu()
+    out["resu"] = _interleaved(trainer.step, baseline.step)
+    controller.commit()
+    with controller.calibrate():
+        out["calibrate (forward)"] = _interleaved(trainer.forward_only, baseline.forward_only)
+    return out
 
 
 def _run_worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
@@ -231,6 +269,7 @@ def _phase_rows(dense: dict[str, Any], resu_run: dict[str, Any]) -> list[dict[st
     for phase, values in resu_run["phases"].items():
         forward_only = phase.startswith("calibrate")
         baseline = dense["phases"]["forward" if forward_only else "dense"]
+        same_process = resu_run.get("interleaved", {}).get(phase)
         rows.append(
             {
                 "model": resu_run["model"],
@@ -239,6 +278,7 @@ def _phase_rows(dense: dict[str, Any], resu_run: dict[str, Any]) -> list[dict[st
                 "ms": values["ms"],
                 "dense ms": baseline["ms"],
                 "time x dense": values["ms"] / baseline["ms"],
+                "x dense (same process)": same_process["ratio"] if same_process else None,
                 "peak MiB": values["peak_MiB"],
                 "dense MiB": baseline["peak_MiB"],
                 "memory within target": None if forward_only else values["peak_MiB"] <= allowance,
