@@ -67,7 +67,7 @@ class PhaseController:
         self.step_count = 0
         self.resu_steps = 0
         self.target_sparsity = 0.0
-        self.nonfinite_steps = 0
+        self._nonfinite_steps = 0
         self.history: list[dict[str, Any]] = []
         self._calibrating = False
         self._pruned = False
@@ -136,6 +136,17 @@ class PhaseController:
         if self.phase is Phase.RESU:
             self.resu_steps += 1
         self.advance()
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps whose managed updates were skipped for NaN / Inf gradients."""
+        self._nonfinite_steps += self._bridge.pending_nonfinite()
+        return self._nonfinite_steps
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: int) -> None:
+        self._bridge.pending_nonfinite()
+        self._nonfinite_steps = value
 
     # -- schedule ---------------------------------------------------------------------------
 

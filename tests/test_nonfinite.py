@@ -9,7 +9,7 @@ import resu_compile as resu
 from tests.zoo import ZOO_BY_NAME
 
 
-def _setup(phase: str, gradient_mask: str, nan_policy: str = "skip"):  # noqa: ANN202
+def _setup(phase: str, gradient_mask: str, nan_policy: str = "skip"):
     entry = ZOO_BY_NAME["mlp"]
     model = entry.build()
     compiled = resu.compile(
@@ -30,7 +30,7 @@ def _setup(phase: str, gradient_mask: str, nan_policy: str = "skip"):  # noqa: A
     return entry, model, compiled, optimizer
 
 
-def _poisoned_step(entry, model, compiled, optimizer) -> None:  # noqa: ANN001
+def _poisoned_step(entry, model, compiled, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     entry.loss_fn(compiled(*entry.make_batch(1))).backward()
     model.fc1.weight.grad[0, 0] = float("nan")
@@ -38,7 +38,9 @@ def _poisoned_step(entry, model, compiled, optimizer) -> None:  # noqa: ANN001
     compiled.resu.step(optimizer)
 
 
-@pytest.mark.parametrize(("phase", "gradient_mask"), [("resu", "optimizer"), ("sparse", "optimizer")])
+@pytest.mark.parametrize(
+    ("phase", "gradient_mask"), [("resu", "optimizer"), ("sparse", "optimizer")]
+)
 def test_nonfinite_step_is_skipped_and_counted(phase: str, gradient_mask: str) -> None:
     entry, model, compiled, optimizer = _setup(phase, gradient_mask)
     managed = {w.name: w.param.detach().clone() for w in compiled.resu.state}
@@ -57,7 +59,7 @@ def test_nonfinite_step_is_skipped_and_counted(phase: str, gradient_mask: str) -
 
 
 def test_graph_mask_keeps_pruned_slots_zero_under_nonfinite_gradients() -> None:
-    entry, model, compiled, optimizer = _setup("sparse", "graph")
+    entry, _, compiled, optimizer = _setup("sparse", "graph")
     optimizer.zero_grad(set_to_none=True)
     (x,) = entry.make_batch(1)
     x[:, 0] = float("nan")  # every gradient of fc1's input column 0 is NaN

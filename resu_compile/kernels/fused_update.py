@@ -25,6 +25,12 @@ contiguous: the kernels see the weight as a flat row-major array, as the mask fo
 every managed weight at once): the grid runs over the blocks of all tensors, a cached per-block
 table says which tensor and which block each program takes, and the tensors are reached through a
 table of base addresses (int64, cast to typed pointers in the kernel).
+
+Every update takes an optional ``found_inf``: a one-element fp32 or bool tensor on the weights'
+device, as torch's fused optimizers take. Nonzero (or NaN, or True) skips the step on the device:
+each program reads it once and returns before it reads or writes a weight or a state, so a caller
+that detects non-finite gradients on the device never needs a device-to-host sync to skip a step.
+The references take it too and check it on the host (they are the CPU path).
 """
 
 from __future__ import annotations
@@ -292,15 +298,22 @@ def _masked_sgd_kernel(
     momentum,
     one_minus_damp,
     weight_decay,
+    found_inf_ptr,
     HAS_MASK: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     FIRST_STEP: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
+    skip = False  # a constexpr: no branch at all without found_inf
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0
+    if skip:
+        return
     _sgd_block(
         param_ptr,
         grad_ptr,
@@ -339,13 +352,20 @@ def _masked_adam_kernel(
     decay,
     neg_step_size,
     bc2_sqrt,
+    found_inf_ptr,
     HAS_MASK: tl.constexpr,
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
+    skip = False  # a constexpr: no branch at all without found_inf
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0
+    if skip:
+        return
     _adam_block(
         param_ptr,
         grad_ptr,
@@ -389,11 +409,18 @@ def _theta_update_kernel(
     decay,
     neg_step_size,
     bc2_sqrt,
+    found_inf_ptr,
     RULE: tl.constexpr,
     HAS_WD: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
+    skip = False  # a constexpr: no branch at all without found_inf
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0
+    if skip:
+        return
     _theta_block(
         param_ptr,
         grad_ptr,
@@ -460,19 +487,26 @@ def _masked_sgd_multi_kernel(
     momentum,
     one_minus_damp,
     weight_decay,
+    found_inf_ptr,
     HAS_MASK: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     FIRST_STEP: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
     """Address rows: param, grad, the momentum buffer if HAS_MOMENTUM, then the mask bits if
     HAS_MASK."""
+    skip = False  # a constexpr: no branch at all without found_inf
+    if HAS_FOUND_INF:  # loaded alongside the block table; skips before any weight or state
+        skip = tl.load(found_inf_ptr) != 0
     t, start, n = _multi_block(blocks_ptr, numels_ptr, ALIGNED, BLOCK)
+    if skip:
+        return
     dtype = param0_ptr.dtype.element_ty
     param_ptr = _multi_ptr(addrs_ptr, 0, n_tensors, t, dtype, ALIGNED)
     buf_ptr = param_ptr  # stand-ins for absent rows: never dereferenced
@@ -519,16 +553,23 @@ def _masked_adam_multi_kernel(
     decay,
     neg_step_size,
     bc2_sqrt,
+    found_inf_ptr,
     HAS_MASK: tl.constexpr,
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
     """Address rows: param, grad, exp_avg, exp_avg_sq, then the mask bits if HAS_MASK."""
+    skip = False  # a constexpr: no branch at all without found_inf
+    if HAS_FOUND_INF:  # loaded alongside the block table; skips before any weight or state
+        skip = tl.load(found_inf_ptr) != 0
     t, start, n = _multi_block(blocks_ptr, numels_ptr, ALIGNED, BLOCK)
+    if skip:
+        return
     dtype = param0_ptr.dtype.element_ty
     param_ptr = _multi_ptr(addrs_ptr, 0, n_tensors, t, dtype, ALIGNED)
     mask_ptr = param_ptr  # stand-in when there is no mask: never dereferenced
@@ -577,15 +618,22 @@ def _theta_update_multi_kernel(
     decay,
     neg_step_size,
     bc2_sqrt,
+    found_inf_ptr,
     RULE: tl.constexpr,
     HAS_WD: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
     """Address rows: param, grad, exp_avg if RULE >= 1, exp_avg_sq if RULE == 2, then the select
     bits (row ``2 + RULE``: the rule id is also its number of state tensors)."""
+    skip = False  # a constexpr: no branch at all without found_inf
+    if HAS_FOUND_INF:  # loaded alongside the block table; skips before any weight or state
+        skip = tl.load(found_inf_ptr) != 0
     t, start, n = _multi_block(blocks_ptr, numels_ptr, ALIGNED, BLOCK)
+    if skip:
+        return
     dtype = param0_ptr.dtype.element_ty
     param_ptr = _multi_ptr(addrs_ptr, 0, n_tensors, t, dtype, ALIGNED)
     m_ptr = param_ptr  # stand-ins for the states a rule does not have: never dereferenced
@@ -636,6 +684,18 @@ def _check(
             raise ValueError(f"{name}: state tensors must match param in shape, dtype and device")
         if not state.is_contiguous():
             raise ValueError(f"{name}: state tensors must be contiguous")
+
+
+def _check_found_inf(
+    name: str, found_inf: torch.Tensor | None, device: torch.device | None
+) -> None:
+    """``found_inf``: ``None``, or one fp32 / bool element on the weights' device (no sync)."""
+    if found_inf is None:
+        return
+    if found_inf.dtype not in (torch.float32, torch.bool) or found_inf.numel() != 1:
+        raise ValueError(f"{name}: found_inf must be a 1-element float32 or bool tensor")
+    if device is not None and found_inf.device != device:
+        raise ValueError(f"{name}: found_inf must be on the weights' device")
 
 
 def _check_bits(name: str, bits: torch.Tensor, param: torch.Tensor) -> None:
@@ -766,6 +826,10 @@ def _multi_launch(
     )
 
 
+def _device_of(params: Sequence[torch.Tensor]) -> torch.device | None:
+    return params[0].device if len(params) else None
+
+
 def _adam_scalars(
     step: int, lr: float, beta1: float, beta2: float, weight_decay: float
 ) -> dict[str, float]:
@@ -794,14 +858,17 @@ def fused_masked_sgd_(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
-    """Triton twin of :func:`reference.masked_sgd_` (same arguments and semantics)."""
+    """Triton twin of :func:`reference.masked_sgd_` (same arguments and semantics; ``found_inf``
+    is read on the device, as in the module docstring)."""
     has_momentum = momentum != 0
     if has_momentum and momentum_buffer is None:
         raise ValueError("fused_masked_sgd_: momentum != 0 needs a momentum_buffer")
     _check("fused_masked_sgd_", param, grad, momentum_buffer if has_momentum else None)
     if mask_bits is not None:
         _check_bits("fused_masked_sgd_", mask_bits, param)
+    _check_found_inf("fused_masked_sgd_", found_inf, param.device)
     n = param.numel()
     if n == 0:
         return
@@ -816,12 +883,14 @@ def fused_masked_sgd_(
         float(momentum),
         float(1 - dampening),
         float(weight_decay),
+        found_inf,
         HAS_MASK=mask_bits is not None,
         HAS_WD=weight_decay != 0,
         HAS_MOMENTUM=has_momentum,
         NESTEROV=bool(nesterov),
         MAXIMIZE=bool(maximize),
         FIRST_STEP=bool(first_step),
+        HAS_FOUND_INF=found_inf is not None,
         BLOCK=block,
         VEC=vec,
         num_warps=num_warps,
@@ -843,11 +912,14 @@ def fused_masked_adam_(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
-    """Triton twin of :func:`reference.masked_adam_` (same arguments and semantics)."""
+    """Triton twin of :func:`reference.masked_adam_` (same arguments and semantics; ``found_inf``
+    is read on the device, as in the module docstring)."""
     _check("fused_masked_adam_", param, grad, exp_avg, exp_avg_sq)
     if mask_bits is not None:
         _check_bits("fused_masked_adam_", mask_bits, param)
+    _check_found_inf("fused_masked_adam_", found_inf, param.device)
     scalars = _adam_scalars(step, lr, beta1, beta2, weight_decay)
     n = param.numel()
     if n == 0:
@@ -868,10 +940,12 @@ def fused_masked_adam_(
         scalars["decay"],
         scalars["neg_step_size"],
         scalars["bc2_sqrt"],
+        found_inf,
         HAS_MASK=mask_bits is not None,
         HAS_WD=weight_decay != 0,
         DECOUPLED=bool(decoupled_weight_decay),
         MAXIMIZE=bool(maximize),
+        HAS_FOUND_INF=found_inf is not None,
         BLOCK=block,
         VEC=vec,
         num_warps=num_warps,
@@ -892,8 +966,10 @@ def fused_theta_update_(
     beta2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
-    """Triton twin of :func:`reference.theta_update_` (same arguments and semantics)."""
+    """Triton twin of :func:`reference.theta_update_` (same arguments and semantics; ``found_inf``
+    is read on the device, as in the module docstring)."""
     check_theta_args(rule, exp_avg, exp_avg_sq)
     uses_m, uses_v = rule != "sgd", rule == "adamw"
     _check(
@@ -904,6 +980,7 @@ def fused_theta_update_(
         exp_avg_sq if uses_v else None,
     )
     _check_bits("fused_theta_update_", select_bits, param)
+    _check_found_inf("fused_theta_update_", found_inf, param.device)
     # Bias corrections only matter to adamw; step 1 keeps other rules valid whatever they pass.
     scalars = _adam_scalars(step if uses_v else 1, lr, beta1, beta2, weight_decay)
     n = param.numel()
@@ -927,8 +1004,10 @@ def fused_theta_update_(
         scalars["decay"],
         scalars["neg_step_size"],
         scalars["bc2_sqrt"],
+        found_inf,
         RULE=_RULE_IDS[rule],
         HAS_WD=weight_decay != 0,
+        HAS_FOUND_INF=found_inf is not None,
         BLOCK=block,
         VEC=vec,
         num_warps=num_warps,
@@ -948,15 +1027,19 @@ def fused_masked_sgd_multi_(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """:func:`fused_masked_sgd_` on every ``(params[i], grads[i], ...)`` in one launch.
 
     Lists hold one tensor per parameter (``mask_bits`` is a list, or ``None`` for all); each list
-    shares one dtype, every tensor is contiguous and on one device.
+    shares one dtype, every tensor is contiguous and on one device. A nonzero ``found_inf`` (one
+    fp32 or bool element on that device) makes the launch a no-op without a host sync: each program
+    reads it alongside its block table entry and returns before touching any weight or state.
     """
     has_momentum = momentum != 0
     if has_momentum and momentum_buffers is None:
         raise ValueError("fused_masked_sgd_multi_: momentum != 0 needs momentum_buffers")
+    _check_found_inf("fused_masked_sgd_multi_", found_inf, _device_of(params))
     launch = _multi_launch(
         "fused_masked_sgd_multi_",
         params,
@@ -977,12 +1060,14 @@ def fused_masked_sgd_multi_(
         float(momentum),
         float(1 - dampening),
         float(weight_decay),
+        found_inf,
         HAS_MASK=mask_bits is not None,
         HAS_WD=weight_decay != 0,
         HAS_MOMENTUM=has_momentum,
         NESTEROV=bool(nesterov),
         MAXIMIZE=bool(maximize),
         FIRST_STEP=bool(first_step),
+        HAS_FOUND_INF=found_inf is not None,
         ALIGNED=launch.aligned,
         BLOCK=launch.block,
         VEC=launch.vec,
@@ -1005,10 +1090,12 @@ def fused_masked_adam_multi_(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """:func:`fused_masked_adam_` on every ``(params[i], grads[i], ...)`` in one launch (lists as in
     :func:`fused_masked_sgd_multi_`)."""
     scalars = _adam_scalars(step, lr, beta1, beta2, weight_decay)
+    _check_found_inf("fused_masked_adam_multi_", found_inf, _device_of(params))
     launch = _multi_launch(
         "fused_masked_adam_multi_",
         params,
@@ -1033,10 +1120,12 @@ def fused_masked_adam_multi_(
         scalars["decay"],
         scalars["neg_step_size"],
         scalars["bc2_sqrt"],
+        found_inf,
         HAS_MASK=mask_bits is not None,
         HAS_WD=weight_decay != 0,
         DECOUPLED=bool(decoupled_weight_decay),
         MAXIMIZE=bool(maximize),
+        HAS_FOUND_INF=found_inf is not None,
         ALIGNED=launch.aligned,
         BLOCK=launch.block,
         VEC=launch.vec,
@@ -1058,6 +1147,7 @@ def fused_theta_update_multi_(
     beta2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """:func:`fused_theta_update_` on every ``(params[i], grads[i], select_bits[i], ...)`` in one
     launch: the RESU phase's theta step over all managed weights.
@@ -1069,6 +1159,7 @@ def fused_theta_update_multi_(
     check_theta_args(rule, exp_avgs, exp_avg_sqs)  # type: ignore[arg-type]  # presence only
     uses_m, uses_v = rule != "sgd", rule == "adamw"
     scalars = _adam_scalars(step if uses_v else 1, lr, beta1, beta2, weight_decay)
+    _check_found_inf("fused_theta_update_multi_", found_inf, _device_of(params))
     states = [exp_avgs] if uses_m else []
     if uses_v:
         states.append(exp_avg_sqs)
@@ -1098,8 +1189,10 @@ def fused_theta_update_multi_(
         scalars["decay"],
         scalars["neg_step_size"],
         scalars["bc2_sqrt"],
+        found_inf,
         RULE=_RULE_IDS[rule],
         HAS_WD=weight_decay != 0,
+        HAS_FOUND_INF=found_inf is not None,
         ALIGNED=launch.aligned,
         BLOCK=launch.block,
         VEC=launch.vec,

@@ -9,6 +9,10 @@ tensor (METHOD.md section 1: ``W[P] == 0`` and the state is 0 on ``P``).
 
 fp16 / bf16 tensors are updated in fp32 and rounded once on the way back, which is what the fused
 kernels do; torch.optim would round after every operation instead.
+
+Each update takes an optional ``found_inf`` (a one-element tensor, as torch's fused optimizers take):
+nonzero or NaN skips the step, leaving every tensor untouched. The fused kernels read it on the
+device; here, the CPU path, a host check is fine.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ def _write_back(
             dst.copy_(work)
 
 
+def _skip(found_inf: torch.Tensor | None) -> bool:
+    """Whether ``found_inf`` says to skip the step (nonzero, NaN or True)."""
+    return found_inf is not None and bool(found_inf)
+
+
 def _active_mask(mask_bits: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
     return None if mask_bits is None else unpack_bits(mask_bits, param.shape)
 
@@ -55,14 +64,17 @@ def masked_sgd_(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One ``torch.optim.SGD`` step on the active coordinates; pruned ones end at exactly 0.
 
     ``first_step`` initialises the momentum buffer as torch does (a copy of the decayed gradient,
-    dampening ignored). ``grad`` is never modified.
+    dampening ignored). ``grad`` is never modified. A set ``found_inf`` skips the step.
     """
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("masked_sgd_: momentum != 0 needs a momentum_buffer")
+    if _skip(found_inf):
+        return
     active = _active_mask(mask_bits, param)
     p = _work(param)
     g = _work(grad)
@@ -129,12 +141,16 @@ def masked_adam_(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One ``torch.optim.Adam`` (or, decoupled, ``AdamW``) step on the active coordinates.
 
     ``step`` counts steps after the increment (1 on the first step), as torch.optim stores it.
-    Pruned coordinates of the parameter and of both moments end at exactly 0.
+    Pruned coordinates of the parameter and of both moments end at exactly 0. A set ``found_inf``
+    skips the step.
     """
+    if _skip(found_inf):
+        return
     active = _active_mask(mask_bits, param)
     p, m, v = _work(param), _work(exp_avg), _work(exp_avg_sq)
     g = _work(grad)
@@ -170,6 +186,7 @@ def theta_update_(
     beta2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """The RESU-phase theta step (METHOD.md section 4) on the selected coordinates only.
 
@@ -180,8 +197,12 @@ def theta_update_(
     - ``momentum``: EMA form ``m = b1*m + (1-b1)*g``, ``theta -= lr*m`` (``exp_avg`` holds ``m``;
       a non-zero ``weight_decay`` is added to ``g`` as in ``sgd``);
     - ``adamw``: bias-corrected AdamW with decoupled weight decay (``exp_avg``, ``exp_avg_sq``).
+
+    A set ``found_inf`` skips the step.
     """
     check_theta_args(rule, exp_avg, exp_avg_sq)
+    if _skip(found_inf):
+        return
     sel = unpack_bits(select_bits, param.shape)
     theta = param[sel].float()
     g = grad[sel].float()

@@ -47,6 +47,9 @@ class OptimizerBridge:
         self._validated: tuple[int, int, int] | None = None
         self._skip_managed = False
         self._fallback: list[ManagedWeight] = []
+        self._found_inf: torch.Tensor | None = None
+        self._nonfinite_count: torch.Tensor | None = None
+        self._nonfinite_carry = 0
         self._host_steps = HostSteps()
 
     @property
@@ -120,12 +123,22 @@ class OptimizerBridge:
         in_resu = controller.phase.value == "resu"
         plans = {} if in_resu else {id(w): self._sparse_plan(optimizer, w) for w in weights}
         self._fallback = []
-        # Only steps whose managed updates run through our own code check gradients for NaN/Inf
-        # (one host sync); with the gradient masked in the graph, pruned slots never see a NaN
-        # and actives are the user's optimizer's business, exactly as in dense training.
+        self._found_inf = None
+        # Only steps whose managed updates run through our own code look for NaN/Inf. Our
+        # kernels take the verdict as a device flag (like torch's fused optimizers' found_inf),
+        # so the check costs no host sync; the "raise" policy and the fallback (the user's
+        # optimizer stepping managed weights) need the answer on the host. With the gradient
+        # masked in the graph, pruned slots never see a NaN and actives are the user's
+        # optimizer's business, exactly as in dense training.
         ours = in_resu or any(plans.values())
-        check = ours or controller.config.nan_policy == "raise"
-        self._skip_managed = check and not self._grads_finite(weights)
+        host_check = controller.config.nan_policy == "raise" or "fallback" in plans.values()
+        if weights and host_check:
+            self._skip_managed = bool(self._nonfinite_flag(weights).item())
+        else:
+            self._skip_managed = False
+            if weights and ours:
+                self._found_inf = self._nonfinite_flag(weights)
+                self._count_nonfinite(self._found_inf)
         if self._skip_managed:
             controller.nonfinite_steps += 1
             if controller.config.nan_policy == "raise":
@@ -198,6 +211,7 @@ class OptimizerBridge:
                     [g for _, g in members],
                     [w.mask_bits for w, _ in members],
                     self._host_steps,
+                    self._found_inf,
                 )
         for weight in self._fallback:
             self.zero_coordinates(optimizer, weight.param, ~weight.mask())
@@ -227,6 +241,7 @@ class OptimizerBridge:
             beta1=config.theta_betas[0],
             beta2=config.theta_betas[1],
             weight_decay=config.theta_weight_decay,
+            found_inf=self._found_inf,
         )
 
     def _theta_slots(
@@ -256,15 +271,28 @@ class OptimizerBridge:
         param.grad = None
 
     @staticmethod
-    def _grads_finite(weights: list[ManagedWeight]) -> bool:
-        if not weights:
-            return True
-        # One fused reduction and a single host sync per step, whatever the number of weights.
+    def _nonfinite_flag(weights: list[ManagedWeight]) -> torch.Tensor:
+        """A 1-element float32 device tensor: 1 if any managed gradient holds NaN or Inf."""
+        # One fused reduction for all weights; nothing waits for it.
         norms = torch._foreach_norm([w.param.grad for w in weights], float("inf"))
-        devices = {n.device for n in norms}
-        if len(devices) > 1:
-            norms = [n.cpu() for n in norms]
-        return bool(torch.stack(norms).isfinite().all())
+        device = norms[0].device
+        finite = torch.stack([n.to(device) for n in norms]).isfinite().all()
+        return (~finite).to(torch.float32).reshape(1)
+
+    def _count_nonfinite(self, flag: torch.Tensor) -> None:
+        """Accumulate device flags in one device counter (read only when someone asks)."""
+        if self._nonfinite_count is None or self._nonfinite_count.device != flag.device:
+            self._nonfinite_carry += self.pending_nonfinite()
+            self._nonfinite_count = torch.zeros_like(flag)
+        self._nonfinite_count.add_(flag)
+
+    def pending_nonfinite(self) -> int:
+        """Skipped steps flagged on the device since the last call (reading them syncs once)."""
+        carry, self._nonfinite_carry = self._nonfinite_carry, 0
+        if self._nonfinite_count is None:
+            return carry
+        count, self._nonfinite_count = self._nonfinite_count, None
+        return carry + int(count.item())
 
     # -- transitions' helpers -----------------------------------------------------------------
 

@@ -122,9 +122,14 @@ def masked_update(
     grads: list[torch.Tensor],
     mask_bits: list[torch.Tensor | None],
     host_steps: HostSteps,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One optimizer step of ``group``'s managed ``params``: active coordinates as torch.optim
-    steps them, pruned ones exactly 0. One fused launch for all of them on CUDA where possible."""
+    steps them, pruned ones exactly 0. One fused launch for all of them on CUDA where possible.
+
+    ``found_inf`` (a device flag) makes the kernels leave everything as it was; Adam's step
+    counter still advances on such a step (the kernels cannot tell the host without a sync).
+    """
     rule = update_rule(optimizer, group)
     states = [optimizer.state[p] for p in params]
     if rule == "sgd":
@@ -157,6 +162,7 @@ def masked_update(
                     "mask_bits": [mask_bits[i] for i in pick],
                 },
                 first_step=flag,
+                found_inf=found_inf,
                 **hyper,
             )
         return
@@ -193,6 +199,7 @@ def masked_update(
                     "mask_bits": [mask_bits[i] for i in pick],
                 },
                 step=step,
+                found_inf=found_inf,
                 **hyper,
             )
         return

@@ -367,3 +367,120 @@ def test_adam_multi_gpu(shapes, dtype, mask_kind, name) -> None:
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 def test_sgd_multi_gpu(dtype, mask_kind, name, first_step) -> None:
     _check_sgd(GPU_SHAPES, dtype, mask_kind, name, first_step, "cuda")
+
+
+# ----- found_inf: a device-side flag that skips the whole step (no host sync) -----
+
+FOUND_INF_SHAPES = [(5, 37), (1, 1), (3, 1500)]
+FOUND_INF_KINDS = ["sgd", "adam", "theta"]
+FOUND_INF_IMPLS = ["multi", "fused", "reference"]
+# Set: skip the step. Clear: run it. fp32 of shape [1] and bool of shape [] both count as 1 element.
+FOUND_INF_SET = {
+    "one": lambda: torch.ones(1),
+    "nan": lambda: torch.full((1,), float("nan")),
+    "true": lambda: torch.tensor(True),
+}
+FOUND_INF_CLEAR = {
+    "zero": lambda: torch.zeros(1),
+    "neg_zero": lambda: torch.full((1,), -0.0),
+    "false": lambda: torch.tensor(False),
+}
+
+
+def _found_inf_case(kind: str, dtype, device):
+    """The tensors a ``kind`` step writes (param first, then its states), its grads and bits."""
+    _, bits = _masks("random", FOUND_INF_SHAPES, device)
+    count = {"sgd": 3, "adam": 4, "theta": 4}[kind]
+    p, g, *states = _lists(FOUND_INF_SHAPES, dtype, device, count)
+    return [p, *states], g, bits
+
+
+def _found_inf_step(kind: str, impl: str, rows, g, bits, found_inf) -> None:
+    """One ``kind`` step through ``impl``; ``found_inf=None`` leaves the argument out entirely."""
+    extra = {} if found_inf is None else {"found_inf": found_inf}
+    if kind == "sgd":
+        fns = (fused_masked_sgd_multi_, fused_masked_sgd_, reference.masked_sgd_)
+        kw = dict(lr=0.05, first_step=False, **SGD_CONFIGS["nesterov_wd"], **extra)
+    elif kind == "adam":
+        fns = (fused_masked_adam_multi_, fused_masked_adam_, reference.masked_adam_)
+        kw = dict(step=3, lr=1e-2, beta2=0.999, eps=1e-8, **ADAM_CONFIGS["adamw"], **extra)
+    else:
+        p, m, v = rows
+        kw = dict(rule="adamw", **THETA_KW, **extra)
+        if impl == "multi":
+            fused_theta_update_multi_(p, g, bits, exp_avgs=m, exp_avg_sqs=v, **kw)
+        else:
+            fn = fused_theta_update_ if impl == "fused" else reference.theta_update_
+            for i in range(len(p)):
+                fn(p[i], g[i], bits[i], exp_avg=m[i], exp_avg_sq=v[i], **kw)
+        return
+    multi, fused, ref = fns
+    if impl == "multi":
+        multi(*rows[:1], g, *rows[1:], bits, **kw)
+    else:
+        fn = fused if impl == "fused" else ref
+        for i in range(len(g)):
+            fn(*_at(rows[:1], i), g[i], *_at(rows[1:], i), bits[i], **kw)
+
+
+def _assert_lists_bitwise_equal(got, want) -> None:
+    for got_row, want_row in zip(got, want, strict=True):
+        for a, b in zip(got_row, want_row, strict=True):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _check_found_inf(kind, impl, flag, dtype, device) -> None:
+    rows, g, bits = _found_inf_case(kind, dtype, device)
+    before, g_before = _clone(rows), _clone([g])
+    skipped, ran, plain = _clone(rows), _clone(rows), _clone(rows)
+    set_flag = FOUND_INF_SET[flag[0]]().to(device)
+    clear_flag = FOUND_INF_CLEAR[flag[1]]().to(device)
+    _found_inf_step(kind, impl, skipped, g, bits, set_flag)
+    _found_inf_step(kind, impl, ran, g, bits, clear_flag)
+    _found_inf_step(kind, impl, plain, g, bits, None)
+    _assert_lists_bitwise_equal(skipped, before)  # not even pruned coordinates zeroed
+    _assert_lists_bitwise_equal(ran, plain)
+    _assert_lists_bitwise_equal([g], g_before)
+    for plain_row, before_row in zip(plain, before, strict=True):  # the step does move every row
+        assert any(not torch.equal(a, b) for a, b in zip(plain_row, before_row, strict=True))
+
+
+@pytest.mark.parametrize(
+    "flag", list(zip(FOUND_INF_SET, FOUND_INF_CLEAR, strict=True)), ids=lambda f: "-".join(f)
+)
+@pytest.mark.parametrize("impl", FOUND_INF_IMPLS)
+@pytest.mark.parametrize("kind", FOUND_INF_KINDS)
+def test_found_inf_skips_or_steps(kind, impl, flag) -> None:
+    """Set: every param and state keeps its bits. Clear: the very result of a call without it."""
+    _check_found_inf(kind, impl, flag, torch.float16, "cpu")
+
+
+def test_found_inf_rejects_bad_flags() -> None:
+    rows, g, bits = _found_inf_case("adam", torch.float32, "cpu")
+    for bad, match in (
+        (torch.zeros(1, dtype=torch.float16), "float32 or bool"),
+        (torch.zeros(2), "1-element"),
+        (torch.zeros(1, device="meta"), "device"),
+    ):
+        for impl in ("multi", "fused"):
+            with pytest.raises(ValueError, match=match):
+                _found_inf_step("adam", impl, rows, g, bits, bad)
+
+
+def test_found_inf_with_empty_lists_is_a_no_op() -> None:
+    flag = torch.ones(1)
+    kw = dict(step=1, lr=1e-2, beta2=0.999, eps=1e-8, **ADAM_CONFIGS["adamw"])
+    fused_masked_adam_multi_([], [], [], [], None, found_inf=flag, **kw)
+    fused_theta_update_multi_([], [], [], rule="sgd", found_inf=flag, **THETA_KW)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize(
+    "flag", list(zip(FOUND_INF_SET, FOUND_INF_CLEAR, strict=True)), ids=lambda f: "-".join(f)
+)
+@pytest.mark.parametrize("impl", ["multi", "fused"])
+@pytest.mark.parametrize("kind", FOUND_INF_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_found_inf_gpu(dtype, kind, impl, flag) -> None:
+    _check_found_inf(kind, impl, flag, dtype, "cuda")
