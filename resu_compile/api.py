@@ -39,7 +39,7 @@ def compile(
             options["sparsity"] = sparsity
         config = ResuConfig.from_options(options)
     _check_model(model, config)
-    controller = PhaseController(config, {id(p): n for n, p in model.named_parameters()})
+    controller = PhaseController(config, {id(p): n for n, p in model.named_parameters()}, model)
     track(controller, model)
     compiled = torch.compile(
         model, backend=ResuBackend(controller), dynamic=dynamic, fullgraph=fullgraph

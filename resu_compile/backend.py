@@ -182,7 +182,7 @@ def _owner_of(param: torch.Tensor) -> PhaseController | None:
 
 def _new_controller(config: ResuConfig, module: torch.nn.Module | None = None) -> PhaseController:
     names = {id(p): n for n, p in module.named_parameters()} if module is not None else None
-    controller = PhaseController(config, names)
+    controller = PhaseController(config, names, module)
     track(controller, module)
     return controller
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import weakref
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -57,8 +58,14 @@ class Phase(str, enum.Enum):
 class PhaseController:
     """Drives one compiled model through the RESU schedule (the ``model.resu`` handle)."""
 
-    def __init__(self, config: ResuConfig, param_names: dict[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: ResuConfig,
+        param_names: dict[int, str] | None = None,
+        module: torch.nn.Module | None = None,
+    ) -> None:
         self.config = config
+        self._module = weakref.ref(module) if module is not None else None
         self.state = StateManager()
         self._param_names = param_names or {}
         self._sparsities = cycle_sparsities(config.sparsity, config.cycles, config.schedule)
@@ -345,6 +352,16 @@ class PhaseController:
             for entry in self.history
             if entry["event"] == "commit"
         ]
+
+    def export(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Plain state dict of the original model, managed weights times their masks."""
+        from resu_compile.export import export_state_dict
+
+        if model is None:
+            model = self._module() if self._module is not None else None
+            if model is None:
+                raise ValueError("export(): no model recorded at compile time; pass export(model)")
+        return export_state_dict(self, model)
 
     def report(self) -> str:
         """Managed weights (name, shape, ops, sparsity) and skipped candidates with reasons."""
