@@ -1,0 +1,141 @@
+"""Property tests: METHOD.md's invariants and the per-cycle active counts over random runs.
+
+Each example builds and compiles a fresh random-width MLP, drives it through a short automatic
+schedule, and checks, right after every transition (the controller's ``_prune`` / ``_commit`` are
+wrapped on the instance) and after every optimizer step, that:
+
+- the invariants of ``tests/invariants.py`` hold (sparse phases and the RESU phase);
+- every managed layer's active count is exactly ``int((1 - s_c) * N)`` after each prune and commit;
+- optimizer state shaped like W is 0 on every pruned coordinate and on every coordinate a commit
+  brought back (so nothing a coordinate accumulated while pruned survives into its active life).
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import resu_compile as resu
+from resu_compile.optim.updates import weight_shaped_state
+from tests.invariants import assert_resu_invariants, assert_sparse_invariants, snapshot_active
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "adamw_wd": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+}
+
+
+def _mlp(widths: list[int], seed: int) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(widths[0], widths[1]),
+            nn.ReLU(),
+            nn.Linear(widths[1], widths[2]),
+            nn.ReLU(),
+            nn.Linear(widths[2], widths[3]),
+        )
+
+
+def _state_zero_on(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor):
+    return all(torch.count_nonzero(s[where]) == 0 for s in weight_shaped_state(optimizer, param))
+
+
+def _check_counts(controller: resu.PhaseController, event: str) -> None:
+    target = controller.target_sparsity
+    for weight in controller.state:
+        mask = weight.mask()
+        expected = int((1 - target) * weight.numel)
+        assert int(mask.sum()) == expected, (
+            f"after {event}: {weight.name} has {int(mask.sum())} active, expected {expected} "
+            f"(target {target}, N {weight.numel})"
+        )
+        assert weight.active_count() == expected, f"after {event}: cached active count is stale"
+        assert torch.count_nonzero(weight.param.detach()[~mask]) == 0, f"{weight.name}: W[P] != 0"
+
+
+def _instrument(controller: resu.PhaseController, log: list[str]) -> None:
+    """Check the counts and the optimizer state right after each prune and commit."""
+    prune, commit = controller._prune, controller._commit
+
+    def checked_prune(sparsity: float) -> None:
+        prune(sparsity)
+        _check_counts(controller, "prune")
+        optimizer = controller.optimizer
+        for weight in controller.state:
+            assert _state_zero_on(optimizer, weight.param, ~weight.mask()), (
+                f"after prune: {weight.name} optimizer state != 0 on P"
+            )
+        log.append("prune")
+
+    def checked_commit() -> None:
+        old = {w.name: w.mask() for w in controller.state}
+        commit()
+        _check_counts(controller, "commit")
+        optimizer = controller.optimizer
+        for weight in controller.state:
+            new = weight.mask()
+            assert _state_zero_on(optimizer, weight.param, ~new), (
+                f"after commit: {weight.name} optimizer state != 0 on the new P"
+            )
+            assert _state_zero_on(optimizer, weight.param, new & ~old[weight.name]), (
+                f"after commit: {weight.name} resurrected coordinates kept optimizer state"
+            )
+        log.append("commit")
+
+    controller._prune = checked_prune
+    controller._commit = checked_commit
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    widths=st.lists(st.integers(3, 24), min_size=4, max_size=4),
+    sparsity=st.floats(0.0, 0.95),
+    cycles=st.integers(1, 3),
+    steps_per_cycle=st.integers(3, 8),
+    seed=st.integers(0, 2**16),
+    optimizer_name=st.sampled_from(sorted(OPTIMIZERS)),
+)
+def test_random_runs_keep_invariants_and_counts(
+    widths: list[int],
+    sparsity: float,
+    cycles: int,
+    steps_per_cycle: int,
+    seed: int,
+    optimizer_name: str,
+) -> None:
+    torch._dynamo.reset()
+    model = _mlp(widths, seed)
+    compiled = resu.compile(
+        model,
+        sparsity=sparsity,
+        cycles=cycles,
+        steps_per_cycle=steps_per_cycle,
+        seed=seed,
+        theta_lr=1e-2,
+        compiler="aot_eager",
+    )
+    controller = compiled.resu
+    log: list[str] = []
+    _instrument(controller, log)
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    active_at_entry = None
+    for _ in range(cycles * steps_per_cycle):
+        x = torch.randn(6, widths[0], generator=generator)
+        loss = compiled(x).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        phase_before = controller.phase
+        controller.step(optimizer)
+        if controller.phase is resu.Phase.RESU:
+            if phase_before is not resu.Phase.RESU:
+                active_at_entry = snapshot_active(controller)
+            assert_resu_invariants(controller, active_at_entry)
+        else:
+            assert_sparse_invariants(controller, optimizer)
+    assert controller.phase is resu.Phase.DONE
+    assert log == ["prune", "commit"] * cycles
+    assert len(controller.state) == 3
