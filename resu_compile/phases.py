@@ -363,6 +363,18 @@ class PhaseController:
                 raise ValueError("export(): no model recorded at compile time; pass export(model)")
         return export_state_dict(self, model)
 
+    def _check_checkpoint_weights(self, weights: dict[str, Any]) -> None:
+        """With the model known, every checkpoint weight must be one of its parameters."""
+        module = self._module() if self._module is not None else None
+        if module is None:
+            return
+        params = dict(module.named_parameters())
+        for name in weights:
+            if name not in params:
+                raise ValueError(
+                    f"load_state_dict: checkpoint manages {name!r}, which this model does not have"
+                )
+
     def report(self) -> str:
         """Managed weights (name, shape, ops, sparsity) and skipped candidates with reasons."""
         return render_report(self)
@@ -397,8 +409,10 @@ class PhaseController:
                     f"load_state_dict: option '{option}' differs: checkpoint {saved.get(option)!r}, "
                     f"this model {current[option]!r}"
                 )
+        phase = Phase(state["phase"])
+        self._check_checkpoint_weights(state["weights"])
         self.state.load_state_dict(state["weights"])
-        self.phase = Phase(state["phase"])
+        self.phase = phase
         self.cycle = int(state["cycle"])
         self.step_count = int(state["step_count"])
         self.resu_steps = int(state["resu_steps"])

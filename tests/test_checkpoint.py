@@ -41,7 +41,9 @@ def _roundtrip(obj: object) -> object:
 
 
 @pytest.mark.parametrize("theta_optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("save_at", [8, 16])  # mid-RESU of cycle 0; mid-TRAIN of cycle 1
+# Every phase boundary of cycle 0 (prune after step 6, RESU entry after 7, commit after 10), a
+# mid-RESU step, and a mid-TRAIN step of cycle 1.
+@pytest.mark.parametrize("save_at", [6, 7, 8, 10, 16])
 def test_resume_from_checkpoint_is_bit_identical(theta_optimizer: str, save_at: int) -> None:
     entry, model, compiled, optimizer = _build(theta_optimizer)
     _train(entry, compiled, optimizer, range(save_at))
@@ -88,6 +90,20 @@ def test_loading_a_checkpoint_of_another_method_fails_and_changes_nothing() -> N
         other.resu.load_state_dict(state)
     assert other.resu.phase is resu.Phase.TRAIN and other.resu.step_count == 0
     assert all(mask is None for mask in other.resu.masks().values())
+
+
+def test_loading_a_checkpoint_of_another_managed_set_fails_and_changes_nothing() -> None:
+    entry, _, compiled, optimizer = _build("sgd")
+    _train(entry, compiled, optimizer, range(8))
+    state = compiled.resu.state_dict()
+    state["weights"]["head.weight"] = state["weights"].pop("fc3.weight")
+    torch._dynamo.reset()
+    _, _, fresh, _ = _build("sgd")
+    fresh(*entry.make_batch(0))
+    with pytest.raises(ValueError, match=r"'fc3\.weight'|'head\.weight'"):
+        fresh.resu.load_state_dict(state)
+    assert fresh.resu.phase is resu.Phase.TRAIN
+    assert all(mask is None for mask in fresh.resu.masks().values())
 
 
 def test_loading_a_checkpoint_with_other_shapes_fails_and_changes_nothing() -> None:

@@ -114,3 +114,34 @@ def test_mask_is_never_rebuilt_from_zero_values() -> None:
     loss.backward()
     compiled.resu.step(optimizer)
     assert torch.equal(weight.mask(), mask)
+
+
+@pytest.mark.parametrize("precision", ["bf16_weights", "bf16_autocast"])
+def test_invariants_hold_in_bfloat16(precision: str) -> None:
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    if precision == "bf16_weights":
+        model = model.to(torch.bfloat16)
+    compiled = resu.compile(
+        model, sparsity=0.7, cycles=2, steps_per_cycle=10, theta_lr=1e-2, compiler="aot_eager"
+    )
+    controller = compiled.resu
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    active_at_entry = None
+    for step in range(20):
+        (x,) = entry.make_batch(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+            loss = entry.loss_fn(compiled(x.to(next(model.parameters()).dtype))).float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        phase_before = controller.phase
+        controller.step(optimizer)
+        if controller.phase is resu.Phase.RESU:
+            if phase_before is not resu.Phase.RESU:
+                active_at_entry = snapshot_active(controller)
+            assert_resu_invariants(controller, active_at_entry)
+        else:
+            assert_sparse_invariants(controller, optimizer)
+    for weight in controller.state:
+        assert weight.active_count() == int(0.3 * weight.numel)
+        assert int(weight.mask().sum()) == int(0.3 * weight.numel)
