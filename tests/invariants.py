@@ -41,3 +41,25 @@ def assert_resu_invariants(
         )
         outside = ~mask & ~selection
         assert torch.count_nonzero(values[outside]) == 0, f"{weight.name}: W[P \\ S] != 0"
+
+
+class CheckedStepper:
+    """``step()`` runs ``controller.step(optimizer)`` and then checks the phase's invariants.
+
+    ``W[A]`` is snapshotted when the RESU phase begins, so every RESU step compares with it.
+    """
+
+    def __init__(self, controller: resu.PhaseController, optimizer: torch.optim.Optimizer) -> None:
+        self.controller = controller
+        self.optimizer = optimizer
+        self._active_at_entry: dict[str, torch.Tensor] | None = None
+
+    def step(self) -> None:
+        before = self.controller.phase
+        self.controller.step(self.optimizer)
+        if self.controller.phase is resu.Phase.RESU:
+            if before is not resu.Phase.RESU or self._active_at_entry is None:
+                self._active_at_entry = snapshot_active(self.controller)
+            assert_resu_invariants(self.controller, self._active_at_entry)
+        else:
+            assert_sparse_invariants(self.controller, self.optimizer)

@@ -7,7 +7,7 @@ import torch
 
 import resu_compile as resu
 import resu_compile.optim.updates as updates
-from tests.invariants import assert_resu_invariants, assert_sparse_invariants, snapshot_active
+from tests.invariants import CheckedStepper
 from tests.zoo import ZOO_BY_NAME
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +27,7 @@ def _run(entry, dtype: torch.dtype, make_optimizer, compiler: str, gradient_mask
     )
     optimizer = make_optimizer(model.parameters())
     controller = compiled.resu
-    active = None
+    stepper = CheckedStepper(controller, optimizer)
     for step in range(20):
         batch = tuple(
             t.to("cuda", dtype if t.is_floating_point() else t.dtype)
@@ -36,14 +36,7 @@ def _run(entry, dtype: torch.dtype, make_optimizer, compiler: str, gradient_mask
         loss = entry.loss_fn(compiled(*batch)).float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        before = controller.phase
-        controller.step(optimizer)
-        if controller.phase is resu.Phase.RESU:
-            if before is not resu.Phase.RESU:
-                active = snapshot_active(controller)
-            assert_resu_invariants(controller, active)
-        else:
-            assert_sparse_invariants(controller, optimizer)
+        stepper.step()
     return model, controller
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import resu_compile as resu
-from tests.invariants import assert_resu_invariants, assert_sparse_invariants, snapshot_active
+from tests.invariants import CheckedStepper
 from tests.zoo import ZOO_BY_NAME
 
 OPTIMIZERS = {
@@ -51,24 +51,13 @@ def test_invariants_hold_after_every_step(
     )
     controller = compiled.resu
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    active_at_entry = None
-    commits_seen = 0
+    stepper = CheckedStepper(controller, optimizer)
     for step in range(30):
         loss = entry.loss_fn(compiled(*entry.make_batch(step)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        phase_before = controller.phase
-        controller.step(optimizer)
-        if phase_before is resu.Phase.RESU and controller.phase is resu.Phase.RESU:
-            assert_resu_invariants(controller, active_at_entry)
-        if controller.phase is resu.Phase.RESU and phase_before is not resu.Phase.RESU:
-            active_at_entry = snapshot_active(controller)
-            assert_resu_invariants(controller, active_at_entry)
-        if controller.phase is not resu.Phase.RESU:
-            assert_sparse_invariants(controller, optimizer)
-        if controller.history and controller.history[-1]["event"] == "commit":
-            commits_seen = len(controller.resurrected_per_cycle())
-    assert commits_seen == 3
+        stepper.step()
+    assert len(controller.resurrected_per_cycle()) == 3
     assert controller.phase is resu.Phase.DONE
     assert all(count > 0 for count in controller.resurrected_per_cycle())
     for weight in controller.state:
@@ -127,21 +116,14 @@ def test_invariants_hold_in_bfloat16(precision: str) -> None:
     )
     controller = compiled.resu
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    active_at_entry = None
+    stepper = CheckedStepper(controller, optimizer)
     for step in range(20):
         (x,) = entry.make_batch(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
             loss = entry.loss_fn(compiled(x.to(next(model.parameters()).dtype))).float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        phase_before = controller.phase
-        controller.step(optimizer)
-        if controller.phase is resu.Phase.RESU:
-            if phase_before is not resu.Phase.RESU:
-                active_at_entry = snapshot_active(controller)
-            assert_resu_invariants(controller, active_at_entry)
-        else:
-            assert_sparse_invariants(controller, optimizer)
+        stepper.step()
     for weight in controller.state:
         assert weight.active_count() == int(0.3 * weight.numel)
         assert int(weight.mask().sum()) == int(0.3 * weight.numel)

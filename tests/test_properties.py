@@ -19,7 +19,7 @@ from torch import nn
 
 import resu_compile as resu
 from resu_compile.optim.updates import weight_shaped_state
-from tests.invariants import assert_resu_invariants, assert_sparse_invariants, snapshot_active
+from tests.invariants import CheckedStepper
 
 OPTIMIZERS = {
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
@@ -122,20 +122,13 @@ def test_random_runs_keep_invariants_and_counts(
     _instrument(controller, log)
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
     generator = torch.Generator().manual_seed(seed)
-    active_at_entry = None
+    stepper = CheckedStepper(controller, optimizer)
     for _ in range(cycles * steps_per_cycle):
         x = torch.randn(6, widths[0], generator=generator)
         loss = compiled(x).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        phase_before = controller.phase
-        controller.step(optimizer)
-        if controller.phase is resu.Phase.RESU:
-            if phase_before is not resu.Phase.RESU:
-                active_at_entry = snapshot_active(controller)
-            assert_resu_invariants(controller, active_at_entry)
-        else:
-            assert_sparse_invariants(controller, optimizer)
+        stepper.step()
     assert controller.phase is resu.Phase.DONE
     assert log == ["prune", "commit"] * cycles
     assert len(controller.state) == 3
