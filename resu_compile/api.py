@@ -83,10 +83,12 @@ def _check_model(model: torch.nn.Module, config: ResuConfig) -> None:
                 "floating-point weights can be managed"
             )
     eligible = [
-        n for n, p in params if p.dim() >= 2 and p.is_floating_point() and config.selects(n, p)
+        n
+        for n, p in params
+        if p.dim() >= 2 and p.is_floating_point() and p.requires_grad and config.selects(n, p)
     ]
     if not eligible:
         raise ValueError(
-            "resu.compile: no managed weight can be found: no floating-point parameter with 2+ dims "
-            "passes the include / exclude filter"
+            "resu.compile: no managed weight can be found: no trainable floating-point parameter "
+            "with 2+ dims passes the include / exclude filter"
         )
