@@ -13,12 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from resu_compile.method.pruning import CRITERIA, DISTRIBUTIONS
+
 ParamFilter = str | Sequence[str] | Callable[[str, Any], bool] | None
 
 SCHEDULES = ("linear", "cubic", "constant")
 COMPILERS = ("inductor", "aot_eager", "eager")
-CRITERIA = ("magnitude",)
-DISTRIBUTIONS = ("uniform",)
 SELECTIONS = ("random", "all")
 THETA_OPTIMIZERS = ("sgd", "momentum", "adamw")
 AMNESTY_SCORES = ("magnitude",)
@@ -61,7 +61,10 @@ class ResuConfig:
             ``(name, param) -> bool``. Applied on top of the default rule (2-D+ float params used
             only as matmul weights).
     Method:
-        criterion, distribution: pruning rule (section 3 of METHOD.md).
+        criterion, distribution: pruning rule (section 3 of METHOD.md). "wanda" compares
+            ``|W| * ||X_j||`` within each output row and needs input norms recorded by forward
+            passes inside ``model.resu.calibrate()`` before each prune; "global" and "erk" set
+            per-layer counts that the later commits keep.
         selection, alpha: which pruned coordinates train during RESU, and what fraction.
         freeze_others: during RESU, parameters that are not managed (biases, norms, embeddings)
             are frozen too; active weights are always frozen (``freeze_active``).

@@ -20,9 +20,10 @@ import torch
 from resu_compile.config import ResuConfig
 from resu_compile.kernels.bits import pack_bits
 from resu_compile.method.amnesty import amnesty_mask, amnesty_scores
-from resu_compile.method.pruning import prune_mask
+from resu_compile.method.pruning import layer_keep_counts, prune_scores, rowwise_topk_mask
 from resu_compile.method.schedule import amnesty_budget, cycle_sparsities, keep_count
 from resu_compile.method.selective import initial_theta, select_trainable
+from resu_compile.method.topk import topk_mask
 from resu_compile.optim.bridge import OptimizerBridge
 from resu_compile.report import render_report
 from resu_compile.state import ManagedWeight, StateManager
@@ -252,17 +253,55 @@ class PhaseController:
 
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
+        config = self.config
         optimizer = self.optimizer
+        weights = list(self.state)
+        masks = [w.mask() for w in weights]
+        scores = [self._prune_scores(w) for w in weights]
+        if config.distribution == "uniform":
+            counts = [keep_count(w.numel, sparsity) for w in weights]
+        else:
+            counts = layer_keep_counts(
+                [w.numel for w in weights],
+                sparsity,
+                config.distribution,
+                shapes=[tuple(w.shape) for w in weights],
+                scores=scores,
+                eligible=masks,
+            )
         layers = {}
-        for weight in self.state:
-            mask = prune_mask(weight.param, weight.mask(), sparsity, self.config.criterion)
-            weight.set_mask(mask, min(keep_count(weight.numel, sparsity), weight.active_count()))
-            self._bridge.zero_coordinates(optimizer, weight.param, ~mask)
+        for weight, mask, score, count in zip(weights, masks, scores, counts, strict=True):
+            if config.criterion == "wanda":  # compared within each output row, as in Wanda
+                new = rowwise_topk_mask(
+                    score, count, eligible=mask, output_dim=1 - weight.input_dim
+                )
+            else:
+                new = topk_mask(score, count, eligible=mask)
+            weight.set_mask(new, min(count, weight.active_count()))
+            weight.keep_target = count
+            self._bridge.zero_coordinates(optimizer, weight.param, ~new)
             layers[weight.name] = weight.sparsity()
         self.target_sparsity = sparsity
         self._pruned = True
         self.phase = Phase.STABILIZE
         self._record("prune", target=sparsity, layers=layers)
+
+    def _prune_scores(self, weight: ManagedWeight) -> torch.Tensor:
+        norms = None
+        if self.config.criterion == "wanda":
+            if weight.input_sq_norms is None or weight.input_dim is None:
+                raise RuntimeError(
+                    f"prune: criterion 'wanda' needs the input norms of {weight.name!r}: run forward "
+                    "passes inside `with model.resu.calibrate():` before each prune"
+                )
+            norms = weight.input_sq_norms.sqrt()
+        return prune_scores(
+            weight.param,
+            self.config.criterion,
+            input_norms=norms,
+            input_dim=weight.input_dim if weight.input_dim is not None else 1,
+            generator=self._generator(weight, "prune"),
+        )
 
     @torch.no_grad()
     def _enter_resu(self) -> None:
@@ -303,7 +342,9 @@ class PhaseController:
             old = weight.mask()
             if old is None:
                 old = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
-            n_keep = keep_count(weight.numel, self.target_sparsity)
+            n_keep = weight.keep_target
+            if n_keep is None:
+                n_keep = keep_count(weight.numel, self.target_sparsity)
             trained = weight.selection()
             if config.amnesty:
                 scores = amnesty_scores(weight.param, config.amnesty_score)

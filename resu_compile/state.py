@@ -30,6 +30,7 @@ class ManagedWeight:
     input_sq_norms: torch.Tensor | None = None
     theta_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     graph_masked: bool = True
+    keep_target: int | None = None
     _active: int | None = field(default=None, repr=False)
     _all_active_bits: torch.Tensor | None = field(default=None, repr=False)
 
@@ -84,6 +85,8 @@ class ManagedWeight:
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shape": list(self.shape)}
+        if self.keep_target is not None:
+            out["keep_target"] = self.keep_target
         for key in ("mask_bits", "select_bits", "input_sq_norms"):
             value = getattr(self, key)
             if value is not None:
@@ -98,6 +101,7 @@ class ManagedWeight:
             value = state.get(key)
             setattr(self, key, None if value is None else value.to(device).clone())
         self._active = None
+        self.keep_target = state.get("keep_target")
         self.theta_buffers = {
             key.removeprefix("theta."): value.to(device=device, dtype=self.param.dtype).clone()
             for key, value in state.items()

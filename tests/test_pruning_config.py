@@ -1,0 +1,67 @@
+"""Pruning criteria and layer distributions selected through ResuConfig, end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resu_compile as resu
+from resu_compile.method.pruning import layer_keep_counts, rowwise_topk_mask
+from resu_compile.method.schedule import keep_count
+from tests.zoo import ZOO_BY_NAME
+
+
+def _compiled(**options):
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.6, manual=True, compiler="aot_eager", **options)
+    compiled(*entry.make_batch(0))
+    return entry, model, compiled
+
+
+@pytest.mark.parametrize("distribution", ["global", "erk"])
+def test_distribution_sets_per_layer_counts_that_commits_keep(distribution: str) -> None:
+    _, _, compiled = _compiled(distribution=distribution)
+    controller = compiled.resu
+    weights = list(controller.state)
+    expected = layer_keep_counts(
+        [w.numel for w in weights],
+        0.6,
+        distribution,
+        shapes=[tuple(w.shape) for w in weights],
+        scores=[w.param.detach().abs() for w in weights],
+    )
+    controller.prune(0.6)
+    assert [int(w.mask().sum()) for w in weights] == expected
+    assert sum(expected) == keep_count(sum(w.numel for w in weights), 0.6)
+    controller.enter_resu()
+    controller.commit()
+    assert [int(w.mask().sum()) for w in weights] == expected
+
+
+def test_random_criterion_keeps_exact_counts_and_follows_the_seed() -> None:
+    masks = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        _, _, compiled = _compiled(criterion="random", seed=3)
+        compiled.resu.prune(0.6)
+        masks.append(compiled.resu.masks())
+    for name, mask in masks[0].items():
+        assert int(mask.sum()) == keep_count(mask.numel(), 0.6)
+        assert torch.equal(mask, masks[1][name])
+
+
+def test_wanda_needs_a_calibrate_pass_and_then_compares_within_rows() -> None:
+    entry, _, compiled = _compiled(criterion="wanda")
+    controller = compiled.resu
+    with pytest.raises(RuntimeError, match="calibrate"):
+        controller.prune(0.6)
+    assert all(mask is None for mask in controller.masks().values())
+    with controller.calibrate():
+        compiled(*entry.make_batch(1))
+    controller.prune(0.6)
+    for weight in controller.state:
+        scores = weight.param.detach().abs() * controller.input_norms(weight.name)
+        count = keep_count(weight.numel, 0.6)
+        assert torch.equal(weight.mask(), rowwise_topk_mask(scores, count, output_dim=0))
+        assert int(weight.mask().sum()) == count
