@@ -47,6 +47,17 @@ SHAPES = [(4096, 4096), (16_000_000,)]  # the second is not a power of two: tail
 DTYPES = [torch.bfloat16, torch.float32]
 COPY_BYTES = 1 << 30
 TOPK_N = 1 << 24
+# AdamW hyper-parameters of every Adam case (decoupled decay, as torch.optim.AdamW).
+ADAM_HYPER = {
+    "step": 10,
+    "lr": 1e-4,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "eps": 1e-8,
+    "weight_decay": 1e-2,
+    "decoupled_weight_decay": True,
+    "maximize": False,
+}
 TOPK_FRACTIONS = [0.2, 0.5]  # alpha of selective RESU and k_screen of the consistency rule
 # GPT-2-small's managed weights: per block attn c_attn, attn c_proj, mlp c_fc, mlp c_proj.
 GPT2_SMALL_SHAPES = [(768, 2304), (768, 768), (3072, 768), (768, 3072)] * 12
@@ -83,16 +94,7 @@ def _update_cases(
     sparse_sel = pack_bits(torch.rand(shape, generator=gen, device="cuda") < 0.2)
     p, g, m, v = rand() * mask, rand(), rand() * mask, rand().abs() * mask
     mask_bytes = bits.numel()
-    adam_kw = dict(
-        step=10,
-        lr=1e-4,
-        beta1=0.9,
-        beta2=0.999,
-        eps=1e-8,
-        weight_decay=1e-2,
-        decoupled_weight_decay=True,
-        maximize=False,
-    )
+    adam_kw = dict(ADAM_HYPER)
     sgd_kw = dict(
         lr=1e-4,
         momentum=0.9,
@@ -235,16 +237,7 @@ def _multi_cases() -> list[tuple[str, str, Callable]]:
             (case, "1 x fused_theta_update_multi_", multi),
             (case, "1 x multi, address table rebuilt", multi_miss),
         ]
-    adam_kw = dict(
-        step=10,
-        lr=1e-4,
-        beta1=0.9,
-        beta2=0.999,
-        eps=1e-8,
-        weight_decay=1e-2,
-        decoupled_weight_decay=True,
-        maximize=False,
-    )
+    adam_kw = dict(ADAM_HYPER)
 
     def adam_loop() -> None:
         for i in range(len(p)):

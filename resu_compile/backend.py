@@ -48,9 +48,9 @@ def find_controller(model: torch.nn.Module) -> PhaseController | None:
     if original in _BY_MODULE:
         return _BY_MODULE[original]
     for param in original.parameters():
-        for controller in list(_ALL):
-            if controller.state.get(param) is not None:
-                return controller
+        controller = _owner_of(param)
+        if controller is not None:
+            return controller
     return None
 
 
@@ -174,6 +174,7 @@ def _extra_inputs(spec: VariantSpec, weights: list[ManagedWeight]) -> list[torch
 
 
 def _owner_of(param: torch.Tensor) -> PhaseController | None:
+    """The live controller that manages ``param``, if any."""
     for controller in list(_ALL):
         if controller.state.get(param) is not None:
             return controller

@@ -20,10 +20,9 @@ import torch
 from resu_compile.config import ResuConfig
 from resu_compile.kernels.bits import pack_bits
 from resu_compile.method.amnesty import amnesty_mask, amnesty_scores
-from resu_compile.method.pruning import layer_keep_counts, prune_scores, rowwise_topk_mask
+from resu_compile.method.pruning import keep_top, layer_keep_counts, prune_scores
 from resu_compile.method.schedule import amnesty_budget, cycle_sparsities, keep_count
 from resu_compile.method.selective import initial_theta, select_trainable
-from resu_compile.method.topk import topk_mask
 from resu_compile.optim.bridge import OptimizerBridge
 from resu_compile.report import render_report
 from resu_compile.state import ManagedWeight, StateManager
@@ -271,12 +270,9 @@ class PhaseController:
             )
         layers = {}
         for weight, mask, score, count in zip(weights, masks, scores, counts, strict=True):
-            if config.criterion == "wanda":  # compared within each output row, as in Wanda
-                new = rowwise_topk_mask(
-                    score, count, eligible=mask, output_dim=1 - weight.input_dim
-                )
-            else:
-                new = topk_mask(score, count, eligible=mask)
+            wanda = config.criterion == "wanda"  # compared within each output row, as in Wanda
+            output_dim = 1 - weight.input_dim if wanda else 0
+            new = keep_top(score, count, mask, per_row=wanda, output_dim=output_dim)
             weight.set_mask(new, min(count, weight.active_count()))
             weight.keep_target = count
             self._bridge.zero_coordinates(optimizer, weight.param, ~new)

@@ -90,9 +90,22 @@ def prune_mask(
     scores = prune_scores(
         weight, criterion, input_norms=input_norms, input_dim=input_dim, generator=generator
     )
+    return keep_top(scores, n_keep, mask, per_row=per_row, output_dim=output_dim)
+
+
+def keep_top(
+    scores: torch.Tensor,
+    n_keep: int,
+    eligible: torch.Tensor | None,
+    *,
+    per_row: bool = False,
+    output_dim: int = 0,
+) -> torch.Tensor:
+    """The ``n_keep`` best ``eligible`` coordinates by ``scores``: over the whole layer, or split
+    exactly among output rows when ``per_row`` (Wanda's comparison, see :func:`row_quotas`)."""
     if per_row:
-        return rowwise_topk_mask(scores, n_keep, eligible=mask, output_dim=output_dim)
-    return topk_mask(scores, n_keep, eligible=mask)
+        return rowwise_topk_mask(scores, n_keep, eligible=eligible, output_dim=output_dim)
+    return topk_mask(scores, n_keep, eligible=eligible)
 
 
 def row_quotas(active: Sequence[int], n_keep: int) -> list[int]:
