@@ -17,11 +17,12 @@ from resu_compile.method.pruning import CRITERIA, DISTRIBUTIONS
 
 ParamFilter = str | Sequence[str] | Callable[[str, Any], bool] | None
 
+METHODS = ("resu", "dense", "oneshot", "gmp", "rigl")
 SCHEDULES = ("linear", "cubic", "constant")
 COMPILERS = ("inductor", "aot_eager", "eager")
-SELECTIONS = ("random", "all")
+SELECTIONS = ("random", "all", "topk", "consistency")
 THETA_OPTIMIZERS = ("sgd", "momentum", "adamw")
-AMNESTY_SCORES = ("magnitude",)
+AMNESTY_SCORES = ("magnitude", "gradient", "wanda")
 NAN_POLICIES = ("skip", "raise")
 GRADIENT_MASKS = ("graph", "optimizer")
 LINEAR_OPS = ("aten", "resu")
@@ -46,6 +47,13 @@ def _in_range(value: Any, low: float, high: float, *, high_open: bool = False) -
 class ResuConfig:
     """Options of a RESU run. Defaults follow METHOD.md.
 
+    Method:
+        method: "resu" (the RESU cycle), or a baseline on the same compile path: "dense" (never
+            prunes), "oneshot" (one prune to ``sparsity`` at the end of cycle 0's TRAIN phase, then
+            masked fine-tuning), "gmp" (gradual magnitude pruning: a prune per cycle, no RESU
+            phase, cubic schedule by default) or "rigl" (random init at ``sparsity`` before the
+            first step, ERK by default, then RigL's drop / grow every ``rigl_interval`` steps until
+            ``rigl_end`` of the run with the cosine-decayed fraction ``rigl_fraction``).
     Schedule:
         sparsity: final fraction of pruned weights per managed layer, in [0, 1).
         cycles: number of TRAIN / PRUNE / STABILIZE / RESU / COMMIT cycles.
@@ -53,24 +61,43 @@ class ResuConfig:
             ``total_steps`` is split evenly over the cycles). Default: 1000 steps per cycle.
         phase_fractions: (train, stabilize, resu) shares of a cycle; they must sum to 1.
         schedule: "linear" (s * (c + 1) / C), "cubic" (Zhu & Gupta), "constant", or an explicit
-            list of per-cycle sparsities (one per cycle, each in [0, 1)).
+            list of per-cycle sparsities (one per cycle, each in [0, 1); a decreasing list
+            densifies). Default: "cubic" for gmp, "constant" with a ``pattern``, else "linear".
+        pause_after, on_pause: cycles after which the schedule pauses. The controller then calls
+            ``on_pause(model, cycle)`` (e.g. a reinforcement-learning stage, which may train the
+            model: masks stay enforced and its steps do not move the schedule) and resumes; with no
+            callback it stays paused until ``model.resu.resume()``.
         manual: if True the controller never changes phase by itself; the user calls
-            ``prune()``, ``enter_resu()`` and ``commit()``.
+            ``prune()``, ``enter_resu()`` and ``commit()`` (method "resu" only).
     Which weights:
         include / exclude: glob pattern(s) on parameter names, or a callable
             ``(name, param) -> bool``. Applied on top of the default rule (2-D+ float params used
             only as matmul weights).
-    Method:
+    Pruning:
         criterion, distribution: pruning rule (section 3 of METHOD.md). "wanda" compares
             ``|W| * ||X_j||`` within each output row and needs input norms recorded by forward
             passes inside ``model.resu.calibrate()`` before each prune; "global" and "erk" set
-            per-layer counts that the later commits keep.
-        selection, alpha: which pruned coordinates train during RESU, and what fraction.
+            per-layer counts that the later commits keep. Distribution default: "erk" for rigl,
+            else "uniform".
+        pattern: "N:M" (e.g. "2:4") keeps the top N of every M consecutive inputs of a row at
+            every prune and commit; ``sparsity`` must then be 1 - N/M.
+    RESU phase:
+        selection, alpha: which pruned coordinates train, and what fraction: "random" (default),
+            "all", "topk" (largest ``|G|`` at the phase's first step, re-chosen every ``refresh``
+            RESU steps if ``refresh`` > 0) or "consistency" (per step, see METHOD.md; ``alpha`` is
+            k_select / p, ``screen_fraction`` k_screen / p, ``consistency_tau`` the threshold on
+            C and ``consistency_beta`` the EMA factor; the theta-optimizer steps on ``C * g``).
+        freeze_active: active weights keep their values during RESU (default). If False, the
+            user's optimizer keeps training them (masked) while theta trains.
         freeze_others: during RESU, parameters that are not managed (biases, norms, embeddings)
-            are frozen too; active weights are always frozen (``freeze_active``).
+            are frozen too.
         theta_optimizer, theta_lr, theta_betas, theta_weight_decay, theta_init_eps: the RESU
             phase's optimizer for theta and its initialisation ``eps * sigma_A * N(0, 1)``.
-        amnesty, amnesty_score, r_start, r_end: the commit tournament and its budget r(c).
+        amnesty, amnesty_score, r_start, r_end: the commit tournament and its budget r(c); scores
+            "magnitude" ``|W_eff|``, "gradient" ``|W_eff| * |G|`` (G of the last RESU step) or
+            "wanda" ``|W_eff| * ||X_j||`` (needs calibrate passes).
+        carry_theta_state: a resurrected weight keeps theta's optimizer state (first / second
+            moments) instead of starting from zero.
         seed: seeds every random draw (selection, theta init) so runs are reproducible.
         nan_policy: "skip" leaves masks, theta and weights untouched on a step whose managed
             gradients hold NaN/Inf (and counts it); "raise" raises instead.
@@ -86,19 +113,28 @@ class ResuConfig:
             apart). benchmarks/overhead.py measures both.
     """
 
+    method: str = "resu"
     sparsity: float = 0.7
     cycles: int = 5
     steps_per_cycle: int | None = None
     total_steps: int | None = None
     phase_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
-    schedule: str | tuple[float, ...] = "linear"
+    schedule: str | tuple[float, ...] | None = None
+    pause_after: tuple[int, ...] = ()
+    on_pause: Callable[[Any, int], None] | None = None
     manual: bool = False
     include: ParamFilter = None
     exclude: ParamFilter = None
     criterion: str = "magnitude"
-    distribution: str = "uniform"
+    distribution: str | None = None
+    pattern: str | None = None
     selection: str = "random"
     alpha: float = 0.2
+    refresh: int = 0
+    screen_fraction: float = 0.5
+    consistency_tau: float = 0.5
+    consistency_beta: float = 0.9
+    freeze_active: bool = True
     theta_optimizer: str = "sgd"
     theta_lr: float = 1e-4
     theta_betas: tuple[float, float] = (0.9, 0.999)
@@ -109,6 +145,10 @@ class ResuConfig:
     amnesty_score: str = "magnitude"
     r_start: float = 0.10
     r_end: float = 0.02
+    carry_theta_state: bool = False
+    rigl_interval: int = 100
+    rigl_fraction: float = 0.3
+    rigl_end: float = 0.75
     seed: int = 0
     nan_policy: str = "skip"
     compiler: str = "inductor"
@@ -116,8 +156,14 @@ class ResuConfig:
     linear_op: str = "aten"
 
     def __post_init__(self) -> None:
-        if isinstance(self.schedule, list):
-            object.__setattr__(self, "schedule", tuple(self.schedule))
+        for name in ("schedule", "pause_after"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.schedule is None:
+            default = "cubic" if self.method == "gmp" else "linear"
+            object.__setattr__(self, "schedule", "constant" if self.pattern else default)
+        if self.distribution is None:
+            object.__setattr__(self, "distribution", "erk" if self.method == "rigl" else "uniform")
         for name in ("phase_fractions", "theta_betas"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -175,6 +221,19 @@ class ResuConfig:
         stabilize = round(self.phase_fractions[1] * length)
         return train, stabilize, length - train - stabilize
 
+    @property
+    def run_steps(self) -> int:
+        """Optimizer steps of the whole schedule (``cycles`` cycles)."""
+        return self.cycles * self.cycle_length
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of the ``pattern`` option, or None."""
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
     def selects(self, name: str, param: Any) -> bool:
         """Whether the include / exclude filters keep the parameter ``name``."""
         if self.include is not None and not _matches(self.include, name, param):
@@ -183,7 +242,39 @@ class ResuConfig:
 
     # -- validation ---------------------------------------------------------------------------
 
+    def _validate_pattern(self) -> None:
+        if self.pattern is None:
+            return
+        parts = self.pattern.split(":") if isinstance(self.pattern, str) else []
+        valid = len(parts) == 2 and all(p.isdigit() for p in parts)
+        n, m = (int(p) for p in parts) if valid else (0, 0)
+        _require(
+            valid and 0 < n < m,
+            "pattern",
+            "None or 'N:M' with integers 0 < N < M (e.g. '2:4')",
+            self.pattern,
+        )
+        _require(
+            abs(self.sparsity - (1 - n / m)) < 1e-9,
+            "sparsity",
+            f"{1 - n / m} with pattern {self.pattern!r} (the pattern fixes the sparsity)",
+            self.sparsity,
+        )
+        _require(
+            self.schedule == "constant",
+            "schedule",
+            f"'constant' with pattern {self.pattern!r} (every prune gives the pattern)",
+            self.schedule,
+        )
+        _require(
+            self.method in ("resu", "oneshot"),
+            "method",
+            f"'resu' or 'oneshot' with pattern {self.pattern!r}",
+            self.method,
+        )
+
     def _validate(self) -> None:
+        _require(self.method in METHODS, "method", f"one of {METHODS}", self.method)
         _require(
             _in_range(self.sparsity, 0.0, 1.0, high_open=True),
             "sparsity",
@@ -246,6 +337,26 @@ class ResuConfig:
                 self.schedule,
             )
         _require(isinstance(self.manual, bool), "manual", "a bool", self.manual)
+        _require(
+            not self.manual or self.method == "resu",
+            "manual",
+            "False unless method is 'resu' (the baselines run their own schedule)",
+            self.manual,
+        )
+        _require(
+            isinstance(self.pause_after, tuple)
+            and all(_is_int(c) and 0 <= c < self.cycles for c in self.pause_after),
+            "pause_after",
+            f"a list of cycle numbers in [0, {self.cycles})",
+            self.pause_after,
+        )
+        _require(
+            self.on_pause is None or callable(self.on_pause),
+            "on_pause",
+            "None or a callable (model, cycle)",
+            self.on_pause,
+        )
+        self._validate_pattern()
         for name in ("include", "exclude"):
             _validate_filter(name, getattr(self, name))
         for name, allowed in (
@@ -294,9 +405,37 @@ class ResuConfig:
             "a number >= 0",
             self.theta_init_eps,
         )
-        _require(isinstance(self.amnesty, bool), "amnesty", "a bool", self.amnesty)
+        for name in ("amnesty", "freeze_others", "freeze_active", "carry_theta_state"):
+            _require(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
         _require(
-            isinstance(self.freeze_others, bool), "freeze_others", "a bool", self.freeze_others
+            _is_int(self.refresh) and self.refresh >= 0,
+            "refresh",
+            "an integer >= 0 (RESU steps between topk re-selections; 0: never)",
+            self.refresh,
+        )
+        for name in ("screen_fraction", "consistency_tau"):
+            value = getattr(self, name)
+            _require(_in_range(value, 0.0, 1.0), name, "a number in [0, 1]", value)
+        _require(
+            _in_range(self.consistency_beta, 0.0, 1.0, high_open=True),
+            "consistency_beta",
+            "a number in [0, 1)",
+            self.consistency_beta,
+        )
+        _require(
+            _is_int(self.rigl_interval) and self.rigl_interval >= 1,
+            "rigl_interval",
+            "an integer >= 1",
+            self.rigl_interval,
+        )
+        _require(
+            _in_range(self.rigl_fraction, 0.0, 1.0),
+            "rigl_fraction",
+            "a number in [0, 1]",
+            self.rigl_fraction,
+        )
+        _require(
+            _in_range(self.rigl_end, 0.0, 1.0), "rigl_end", "a number in [0, 1]", self.rigl_end
         )
         for name in ("r_start", "r_end"):
             _require(
@@ -311,6 +450,10 @@ class ResuConfig:
             "an integer",
             self.seed,
         )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _validate_filter(option: str, value: ParamFilter) -> None:

@@ -12,46 +12,64 @@ import contextlib
 import enum
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from resu_compile.config import ResuConfig
-from resu_compile.kernels.bits import pack_bits
+from resu_compile.kernels.bits import pack_bits, unpack_bits
 from resu_compile.method.amnesty import amnesty_mask, amnesty_scores
-from resu_compile.method.pruning import keep_top, layer_keep_counts, prune_scores
+from resu_compile.method.pruning import keep_top, layer_keep_counts, nm_mask, prune_scores
+from resu_compile.method.rigl import rigl_fraction, rigl_regrow
 from resu_compile.method.schedule import amnesty_budget, cycle_sparsities, keep_count
 from resu_compile.method.selective import initial_theta, select_trainable
 from resu_compile.optim.bridge import OptimizerBridge
 from resu_compile.report import render_report
 from resu_compile.state import ManagedWeight, StateManager
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 # Options that change what a checkpoint's masks and theta mean: loading across them is refused.
 _METHOD_OPTIONS = (
+    "method",
     "sparsity",
     "cycles",
     "schedule",
     "criterion",
     "distribution",
+    "pattern",
     "selection",
     "alpha",
+    "refresh",
+    "screen_fraction",
+    "consistency_tau",
+    "consistency_beta",
+    "freeze_active",
     "theta_optimizer",
     "amnesty",
     "amnesty_score",
     "r_start",
     "r_end",
+    "carry_theta_state",
+    "rigl_interval",
+    "rigl_fraction",
+    "rigl_end",
+    "pause_after",
 )
 
 
 class Phase(str, enum.Enum):
-    """Steady phases between transitions. PRUNE and COMMIT are instants, not phases."""
+    """Steady phases between transitions. PRUNE and COMMIT are instants, not phases.
+
+    PAUSED: after a cycle listed in ``pause_after``, until ``resume()``; steps taken meanwhile
+    (e.g. a reinforcement-learning stage) keep the masks but do not move the schedule.
+    """
 
     TRAIN = "train"
     STABILIZE = "stabilize"
     RESU = "resu"
+    PAUSED = "paused"
     DONE = "done"
 
 
@@ -73,11 +91,13 @@ class PhaseController:
         self.cycle = 0
         self.step_count = 0
         self.resu_steps = 0
+        self.paused_steps = 0
         self.target_sparsity = 0.0
         self._nonfinite_steps = 0
         self.history: list[dict[str, Any]] = []
         self._calibrating = False
         self._pruned = False
+        self.served_variant: str | None = None
         self._bridge = OptimizerBridge(self)
 
     # -- what the compiled graphs ask -------------------------------------------------------
@@ -87,12 +107,37 @@ class PhaseController:
         return self._calibrating
 
     def graph_variant(self) -> str:
-        """The graph variant the current phase runs (see ``backend.VARIANTS``)."""
+        """The graph variant the current phase runs (see ``backend.VARIANTS``).
+
+        The answer is remembered in ``served_variant``: the optimizer step trusts the graph to
+        have masked the gradient only if the forward really ran the sparse variant (a prune
+        between that forward and the step, e.g. RigL's initial one, leaves it unmasked).
+        """
         if self._calibrating:
-            return "calibrate"
-        if self.phase is not Phase.RESU and self.config.gradient_mask == "graph" and self.pruned:
-            return "sparse"
-        return "dense"
+            variant = "calibrate"
+        elif (
+            self.phase is not Phase.RESU
+            and self.config.gradient_mask == "graph"
+            and self.pruned
+            and not self.needs_dense_gradient()
+        ):
+            variant = "sparse"
+        else:
+            variant = "dense"
+        self.served_variant = variant
+        return variant
+
+    def needs_dense_gradient(self) -> bool:
+        """Whether the step in progress must see ``G`` on pruned coordinates too (RigL's grow
+        step reads it), so the graph may not mask the gradient."""
+        config = self.config
+        upcoming = self.step_count + 1
+        return (
+            config.method == "rigl"
+            and self._pruned
+            and upcoming % config.rigl_interval == 0
+            and upcoming < self._rigl_end_step()
+        )
 
     @property
     def pruned(self) -> bool:
@@ -139,10 +184,13 @@ class PhaseController:
 
     def after_step(self) -> None:
         """Called by the bridge once per optimizer step."""
+        if self.phase is Phase.PAUSED:
+            self.paused_steps += 1
+            return
         self.step_count += 1
         if self.phase is Phase.RESU:
             self.resu_steps += 1
-        self.advance()
+        self.advance(after_step=True)
 
     @property
     def nonfinite_steps(self) -> int:
@@ -161,22 +209,67 @@ class PhaseController:
         """Target sparsity of the current cycle (the final target once the schedule is done)."""
         return self._sparsities[min(self.cycle, self.config.cycles - 1)]
 
-    def advance(self) -> None:
-        """Run every transition the step count has reached (automatic schedule only)."""
+    def advance(self, *, after_step: bool = False) -> None:
+        """Run every transition the step count has reached (automatic schedule only).
+
+        ``after_step``: called right after an optimizer step, when the gradients of that step are
+        still in ``.grad`` (RigL's mask updates read them, so they run only then).
+        """
         if self.config.manual:
             return
-        length = self.config.cycle_length
-        train, stabilize, _ = self.config.phase_steps
-        while self.phase is not Phase.DONE:
-            start = self.cycle * length
-            if self.phase is Phase.TRAIN and self.step_count >= start + train:
-                self._prune(self.current_target())
-            elif self.phase is Phase.STABILIZE and self.step_count >= start + train + stabilize:
-                self._enter_resu()
-            elif self.phase is Phase.RESU and self.step_count >= start + length:
-                self._commit()
-            else:
-                break
+        if after_step and self._rigl_update_due():
+            self._rigl_update()
+        while (transition := self._due_transition()) is not None:
+            transition()
+
+    def _due_transition(self) -> Callable[[], None] | None:
+        """The transition the schedule has reached, if any (METHOD.md section 2, or a baseline's)."""
+        if self.phase in (Phase.DONE, Phase.PAUSED):
+            return None
+        config = self.config
+        length = config.cycle_length
+        train, stabilize, _ = config.phase_steps
+        into_cycle = self.step_count - self.cycle * length
+        if config.method == "rigl" and not self._pruned:
+            return self._rigl_init
+        if self.phase is Phase.TRAIN and into_cycle >= train and self._prunes_in_cycle():
+            target = config.sparsity if config.method == "oneshot" else self.current_target()
+            return lambda: self._prune(target)
+        if config.method != "resu":
+            return self._end_cycle if into_cycle >= length else None
+        if self.phase is Phase.STABILIZE and into_cycle >= train + stabilize:
+            return self._enter_resu
+        if self.phase is Phase.RESU and into_cycle >= length:
+            return self._commit
+        return None
+
+    def _prunes_in_cycle(self) -> bool:
+        method = self.config.method
+        return method in ("resu", "gmp") or (method == "oneshot" and self.cycle == 0)
+
+    def _end_cycle(self) -> None:
+        """Close the current cycle; pause after it if the user asked for a pause there."""
+        finished = self.cycle
+        self.cycle += 1
+        self.phase = self._phase_after_cycle()
+        if finished in self.config.pause_after:
+            self.phase = Phase.PAUSED
+            self._record("pause", cycle=finished)
+            if self.config.on_pause is not None:
+                module = self._module() if self._module is not None else None
+                self.config.on_pause(module, finished)
+                self.resume()
+
+    def _phase_after_cycle(self) -> Phase:
+        return Phase.DONE if self.cycle >= self.config.cycles else Phase.TRAIN
+
+    def resume(self) -> None:
+        """Continue the schedule after a pause (called for you when ``on_pause`` returns)."""
+        if self.phase is not Phase.PAUSED:
+            raise RuntimeError(
+                f"resume(): the schedule is not paused (phase is {self.phase.value})"
+            )
+        self.phase = self._phase_after_cycle()
 
     # -- manual phase control ---------------------------------------------------------------
 
@@ -188,6 +281,11 @@ class PhaseController:
         target = self.current_target() if sparsity is None else sparsity
         if not isinstance(target, (int, float)) or not 0.0 <= target < 1.0:
             raise ValueError(f"prune(): sparsity must be a number in [0, 1), got {target!r}")
+        if self.config.nm is not None and target != self.config.sparsity:
+            raise ValueError(
+                f"prune(): sparsity must be {self.config.sparsity} with pattern "
+                f"{self.config.pattern!r}, got {target!r}"
+            )
         self._require_managed("prune")
         self._prune(float(target))
 
@@ -251,13 +349,15 @@ class PhaseController:
         return torch.Generator(device=weight.param.device).manual_seed(zlib.crc32(key))
 
     @torch.no_grad()
-    def _prune(self, sparsity: float) -> None:
+    def _prune(self, sparsity: float, criterion: str | None = None) -> None:
         config = self.config
+        criterion = criterion or config.criterion
         optimizer = self.optimizer
         weights = list(self.state)
+        self._check_pattern(weights)
         masks = [w.mask() for w in weights]
-        scores = [self._prune_scores(w) for w in weights]
-        if config.distribution == "uniform":
+        scores = [self._prune_scores(w, criterion) for w in weights]
+        if config.distribution == "uniform" or config.nm is not None:
             counts = [keep_count(w.numel, sparsity) for w in weights]
         else:
             counts = layer_keep_counts(
@@ -270,10 +370,15 @@ class PhaseController:
             )
         layers = {}
         for weight, mask, score, count in zip(weights, masks, scores, counts, strict=True):
-            wanda = config.criterion == "wanda"  # compared within each output row, as in Wanda
-            output_dim = 1 - weight.input_dim if wanda else 0
-            new = keep_top(score, count, mask, per_row=wanda, output_dim=output_dim)
-            weight.set_mask(new, min(count, weight.active_count()))
+            if config.nm is not None:
+                new = nm_mask(score, *config.nm, input_dim=weight.input_dim or 1)
+                count = active = weight.numel * config.nm[0] // config.nm[1]
+            else:
+                wanda = criterion == "wanda"  # compared within each output row, as in Wanda
+                output_dim = 1 - weight.input_dim if wanda else 0
+                new = keep_top(score, count, mask, per_row=wanda, output_dim=output_dim)
+                active = min(count, weight.active_count())
+            weight.set_mask(new, active)
             weight.keep_target = count
             self._bridge.zero_coordinates(optimizer, weight.param, ~new)
             layers[weight.name] = weight.sparsity()
@@ -282,22 +387,79 @@ class PhaseController:
         self.phase = Phase.STABILIZE
         self._record("prune", target=sparsity, layers=layers)
 
-    def _prune_scores(self, weight: ManagedWeight) -> torch.Tensor:
-        norms = None
-        if self.config.criterion == "wanda":
-            if weight.input_sq_norms is None or weight.input_dim is None:
-                raise RuntimeError(
-                    f"prune: criterion 'wanda' needs the input norms of {weight.name!r}: run forward "
-                    "passes inside `with model.resu.calibrate():` before each prune"
+    def _check_pattern(self, weights: list[ManagedWeight]) -> None:
+        """With an N:M pattern, every managed weight's input dim must split into groups of M."""
+        if self.config.nm is None:
+            return
+        m = self.config.nm[1]
+        for weight in weights:
+            size = weight.shape[weight.input_dim or 1]
+            if size % m:
+                raise ValueError(
+                    f"pattern {self.config.pattern!r}: managed weight {weight.name!r} has "
+                    f"{size} inputs, not a multiple of {m}; exclude it with exclude=[...]"
                 )
-            norms = weight.input_sq_norms.sqrt()
+
+    def _prune_scores(self, weight: ManagedWeight, criterion: str) -> torch.Tensor:
         return prune_scores(
             weight.param,
-            self.config.criterion,
-            input_norms=norms,
+            criterion,
+            input_norms=self._norms_for(weight, f"criterion {criterion!r}")
+            if criterion == "wanda"
+            else None,
             input_dim=weight.input_dim if weight.input_dim is not None else 1,
             generator=self._generator(weight, "prune"),
         )
+
+    def _norms_for(self, weight: ManagedWeight, purpose: str) -> torch.Tensor:
+        if weight.input_sq_norms is None or weight.input_dim is None:
+            raise RuntimeError(
+                f"{purpose} needs the input norms of {weight.name!r}: run forward passes inside "
+                "`with model.resu.calibrate():` before each prune and commit"
+            )
+        return weight.input_sq_norms.sqrt()
+
+    # -- RigL (method="rigl") ------------------------------------------------------------------
+
+    def _rigl_end_step(self) -> int:
+        return int(self.config.rigl_end * self.config.run_steps)
+
+    def _rigl_init(self) -> None:
+        """RigL starts sparse: a random mask at the final sparsity before the first step."""
+        self._prune(self.config.sparsity, criterion="random")
+
+    def _rigl_update_due(self) -> bool:
+        config = self.config
+        return (
+            config.method == "rigl"
+            and self._pruned
+            and self.phase is not Phase.PAUSED
+            and self.step_count % config.rigl_interval == 0
+            and 0 < self.step_count < self._rigl_end_step()
+        )
+
+    @torch.no_grad()
+    def _rigl_update(self) -> None:
+        """Drop the smallest ``|W|``, grow the largest ``|G|``; grown weights start at 0 with
+        zero optimizer state (they were pruned, so both already are)."""
+        fraction = rigl_fraction(self.step_count, self._rigl_end_step(), self.config.rigl_fraction)
+        optimizer = self.optimizer
+        layers = {}
+        for weight in self.state:
+            if weight.param.grad is None or weight.mask_bits is None:
+                continue  # unused by this step's forward: nothing to grow from
+            active = weight.active_count()
+            count = int(fraction * active)
+            new, grown = rigl_regrow(weight.param, weight.param.grad, weight.mask(), count, active)
+            self._bridge.zero_coordinates(optimizer, weight.param, ~new)
+            weight.set_mask(new, active)
+            layers[weight.name] = {"dropped": count, "grown": grown, "sparsity": weight.sparsity()}
+        grown_counts = torch.stack([entry["grown"].sum() for entry in layers.values()]).tolist()
+        for entry, grown_count in zip(layers.values(), grown_counts, strict=True):
+            entry["grown"] = grown_count
+        self._record("rigl", fraction=fraction, layers=layers)
+
+    # -- RESU ------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def _enter_resu(self) -> None:
@@ -308,6 +470,14 @@ class PhaseController:
                 mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
             pruned = ~mask
             pruned_count = weight.numel - weight.active_count()
+            weight.theta_buffers.clear()
+            if self.config.selection == "topk":
+                # S is chosen from G at the phase's first step (select_by_gradient); until then
+                # no coordinate trains.
+                weight.param.masked_fill_(pruned, 0)
+                weight.select_bits = pack_bits(torch.zeros_like(pruned))
+                selected[weight.name] = int(self.config.alpha * pruned_count)
+                continue
             trainable, count = select_trainable(
                 pruned,
                 self.config.selection,
@@ -320,11 +490,37 @@ class PhaseController:
             )
             weight.param.copy_(torch.where(trainable, theta, weight.param.masked_fill(pruned, 0)))
             weight.select_bits = pack_bits(trainable)
-            weight.theta_buffers.clear()
             selected[weight.name] = count
         self.resu_steps = 0
         self.phase = Phase.RESU
         self._record("resu", layers=selected)
+
+    @torch.no_grad()
+    def select_by_gradient(self, weight: ManagedWeight, gradient: torch.Tensor) -> torch.Tensor:
+        """``topk`` selection: S becomes the top ``alpha`` of P by ``|G|``; coordinates that join
+        S get a fresh theta draw, those that leave it go back to 0. Returns the coordinates whose
+        theta-optimizer state must restart (joined or left)."""
+        mask = weight.mask()
+        pruned = ~mask
+        new, _ = select_trainable(
+            pruned,
+            "topk",
+            self.config.alpha,
+            self._generator(weight, "select"),
+            weight.numel - weight.active_count(),
+            gradient=gradient,
+        )
+        old = weight.selection()
+        joined, left = new & ~old, old & ~new
+        theta = initial_theta(
+            weight.param,
+            mask,
+            self.config.theta_init_eps,
+            self._generator(weight, f"theta{self.resu_steps}"),
+        )
+        weight.param.copy_(torch.where(joined, theta, weight.param.masked_fill(left, 0)))
+        weight.select_bits = pack_bits(new)
+        return joined | left
 
     @torch.no_grad()
     def _commit(self) -> None:
@@ -333,8 +529,10 @@ class PhaseController:
             min(self.cycle, config.cycles - 1), config.cycles, config.r_start, config.r_end
         )
         optimizer = self.optimizer
+        weights = list(self.state)
+        scores = [self._amnesty_scores(w) for w in weights] if config.amnesty else None
         layers = {}
-        for weight in self.state:
+        for i, weight in enumerate(weights):
             old = weight.mask()
             if old is None:
                 old = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
@@ -342,21 +540,28 @@ class PhaseController:
             if n_keep is None:
                 n_keep = keep_count(weight.numel, self.target_sparsity)
             trained = weight.selection()
-            if config.amnesty:
-                scores = amnesty_scores(weight.param, config.amnesty_score)
-                new = amnesty_mask(scores, old, n_keep, budget, weight.active_count()).mask
-                active = min(n_keep, weight.numel)
+            reserved = 0
+            if scores is None:
+                new, active = old | trained, None
+            elif config.nm is not None:  # the pattern fixes every group's places: no quota
+                new = nm_mask(scores[i], *config.nm, input_dim=weight.input_dim or 1)
+                active = n_keep
             else:
-                new = old | trained
-                active = None
+                result = amnesty_mask(scores[i], old, n_keep, budget, weight.active_count())
+                new, active, reserved = result.mask, min(n_keep, weight.numel), result.n_reserved
             resurrected = new & ~old
             self._bridge.zero_coordinates(optimizer, weight.param, ~new)
-            self._bridge.zero_state(optimizer, weight, resurrected)
-            counts = [(~old).sum(), resurrected.sum(), (new ^ old).sum()]
-            if trained is not None:
-                counts.append((resurrected & trained).sum())
-            old_pruned, count, churn, *rest = torch.stack(counts).tolist()  # one host sync
+            self._bridge.restart_state(optimizer, weight, resurrected, config.carry_theta_state)
+            revived = (
+                unpack_bits(weight.revived_bits, weight.shape).to(new.device)
+                if weight.revived_bits is not None
+                else torch.zeros_like(new)
+            )
+            counts = [(~old).sum(), resurrected.sum(), (new ^ old).sum(), (revived & new).sum()]
+            counts.append((resurrected & trained).sum() if trained is not None else counts[1] * 0)
+            old_pruned, count, churn, survivors, trained_count = torch.stack(counts).tolist()
             weight.set_mask(new, active)
+            weight.revived_bits = pack_bits(revived | resurrected).cpu()
             weight.select_bits = None
             weight.theta_buffers.clear()
             layers[weight.name] = {
@@ -364,14 +569,35 @@ class PhaseController:
                 "sparsity": weight.sparsity(),
                 "resurrected": count,
                 # Winners that trained as theta; the rest of the n_R places went to untrained zeros.
-                "resurrected_trained": rest[0] if rest else 0,
+                "resurrected_trained": trained_count,
                 "resurrection_rate": count / old_pruned if old_pruned else 0.0,
                 "churn": churn,
+                # Weights resurrected at earlier commits that are still active after this one.
+                "survivors": survivors,
+                "reserved": reserved,
+                "pruned_before": old_pruned,
                 "budget": budget,
             }
         self._record("commit", budget=budget, layers=layers)
-        self.cycle += 1
-        self.phase = Phase.DONE if self.cycle >= config.cycles else Phase.TRAIN
+        self._end_cycle()
+
+    def _amnesty_scores(self, weight: ManagedWeight) -> torch.Tensor:
+        score = self.config.amnesty_score
+        gradient = weight.param.grad
+        if score == "gradient" and gradient is None:
+            raise RuntimeError(
+                f"commit: amnesty_score 'gradient' needs G of {weight.name!r} from the last RESU "
+                "step: call commit() after backward() and before zero_grad()"
+            )
+        return amnesty_scores(
+            weight.param,
+            score,
+            gradient=gradient,
+            input_norms=self._norms_for(weight, "amnesty_score 'wanda'")
+            if score == "wanda"
+            else None,
+            input_dim=weight.input_dim if weight.input_dim is not None else 1,
+        )
 
     def _record(self, event: str, **data: Any) -> None:
         self.history.append({"event": event, "cycle": self.cycle, "step": self.step_count, **data})
@@ -427,6 +653,7 @@ class PhaseController:
             "cycle": self.cycle,
             "step_count": self.step_count,
             "resu_steps": self.resu_steps,
+            "paused_steps": self.paused_steps,
             "target_sparsity": self.target_sparsity,
             "nonfinite_steps": self.nonfinite_steps,
             "history": self.history,
@@ -453,6 +680,7 @@ class PhaseController:
         self.cycle = int(state["cycle"])
         self.step_count = int(state["step_count"])
         self.resu_steps = int(state["resu_steps"])
+        self.paused_steps = int(state["paused_steps"])
         self.target_sparsity = float(state["target_sparsity"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.history = list(state["history"])

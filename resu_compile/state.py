@@ -3,7 +3,9 @@
 Per weight: the mask as packed bits (1 bit per weight: the only memory RESU adds in the default
 configuration), the RESU selection S as packed bits while the RESU phase runs, the input-column
 norms recorded by the calibrate variant, and theta-optimizer buffers when the user's optimizer has
-no free slot to hold them. Several Dynamo graphs (graph breaks, DDP buckets) find the same record
+no free slot to hold them. Which coordinates were ever resurrected (for the survival telemetry of
+METHOD.md section 6) is kept as packed bits in host memory, so telemetry costs no device memory.
+Several Dynamo graphs (graph breaks, DDP buckets) find the same record
 through the Parameter object itself.
 """
 
@@ -16,6 +18,9 @@ import torch
 
 from resu_compile.kernels.bits import count_bits, pack_bits, unpack_bits
 
+# Per-weight tensors a checkpoint carries (revived_bits: ever resurrected, for survival telemetry).
+_TENSOR_FIELDS = ("mask_bits", "select_bits", "revived_bits", "input_sq_norms")
+
 
 @dataclass
 class ManagedWeight:
@@ -27,6 +32,7 @@ class ManagedWeight:
     input_dim: int | None = None
     mask_bits: torch.Tensor | None = None
     select_bits: torch.Tensor | None = None
+    revived_bits: torch.Tensor | None = None
     input_sq_norms: torch.Tensor | None = None
     theta_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     graph_masked: bool = True
@@ -87,7 +93,7 @@ class ManagedWeight:
         out: dict[str, Any] = {"shape": list(self.shape)}
         if self.keep_target is not None:
             out["keep_target"] = self.keep_target
-        for key in ("mask_bits", "select_bits", "input_sq_norms"):
+        for key in _TENSOR_FIELDS:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value.detach().cpu().clone()
@@ -97,9 +103,10 @@ class ManagedWeight:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.param.device
-        for key in ("mask_bits", "select_bits", "input_sq_norms"):
+        for key in _TENSOR_FIELDS:
             value = state.get(key)
-            setattr(self, key, None if value is None else value.to(device).clone())
+            where = "cpu" if key == "revived_bits" else device
+            setattr(self, key, None if value is None else value.to(where).clone())
         self._active = None
         self.keep_target = state.get("keep_target")
         self.theta_buffers = {

@@ -30,15 +30,25 @@ def snapshot_active(controller: resu.PhaseController) -> dict[str, torch.Tensor]
 
 
 def assert_resu_invariants(
-    controller: resu.PhaseController, active_at_entry: dict[str, torch.Tensor]
+    controller: resu.PhaseController,
+    active_at_entry: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
 ) -> None:
-    """RESU phase: ``W[A]`` unchanged bit for bit; pruned coordinates outside S are 0."""
+    """RESU phase: pruned coordinates outside S are 0; ``W[A]`` unchanged bit for bit with
+    ``freeze_active`` (else the user's optimizer trains the actives and its state stays 0 on P:
+    theta's state then lives in buffers of its own)."""
     for weight in controller.state:
         mask, selection = weight.mask(), weight.selection()
         values = weight.param.detach()
-        assert torch.equal(values[mask], active_at_entry[weight.name]), (
-            f"{weight.name}: W[A] changed"
-        )
+        if controller.config.freeze_active:
+            assert torch.equal(values[mask], active_at_entry[weight.name]), (
+                f"{weight.name}: W[A] changed"
+            )
+        else:
+            for state in weight_shaped_state(optimizer, weight.param):
+                assert torch.count_nonzero(state[~mask]) == 0, (
+                    f"{weight.name}: user optimizer state != 0 on P"
+                )
         outside = ~mask & ~selection
         assert torch.count_nonzero(values[outside]) == 0, f"{weight.name}: W[P \\ S] != 0"
 
@@ -60,6 +70,6 @@ class CheckedStepper:
         if self.controller.phase is resu.Phase.RESU:
             if before is not resu.Phase.RESU or self._active_at_entry is None:
                 self._active_at_entry = snapshot_active(self.controller)
-            assert_resu_invariants(self.controller, self._active_at_entry)
+            assert_resu_invariants(self.controller, self._active_at_entry, self.optimizer)
         else:
             assert_sparse_invariants(self.controller, self.optimizer)

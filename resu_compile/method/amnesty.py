@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from resu_compile.method.pruning import prune_scores
 from resu_compile.method.topk import topk_mask
 
 
@@ -19,10 +20,30 @@ class AmnestyResult:
     resurrected: int
 
 
-def amnesty_scores(weight: torch.Tensor, score: str) -> torch.Tensor:
-    """Score of every coordinate of ``W_eff`` (stored in place in ``weight``)."""
+def amnesty_scores(
+    weight: torch.Tensor,
+    score: str,
+    *,
+    gradient: torch.Tensor | None = None,
+    input_norms: torch.Tensor | None = None,
+    input_dim: int = 1,
+) -> torch.Tensor:
+    """Score of every coordinate of ``W_eff`` (stored in place in ``weight``).
+
+    ``magnitude``: ``|W_eff|``; ``gradient``: ``|W_eff| * |G|``; ``wanda``: ``|W_eff| * ||X_j||``
+    (the input-column norms broadcast along ``input_dim``). The tournament compares scores within
+    each group of the whole layer.
+    """
+    magnitude = weight.detach().abs().float()
     if score == "magnitude":
-        return weight.detach().abs()
+        return magnitude
+    if score == "gradient":
+        if gradient is None:
+            raise ValueError("amnesty_score 'gradient' needs the gradient G of the weight")
+        return magnitude * gradient.detach().float().nan_to_num(0.0, 0.0, 0.0).abs()
+    if score == "wanda":
+        scores = prune_scores(weight, "wanda", input_norms=input_norms, input_dim=input_dim)
+        return scores.float()
     raise ValueError(f"amnesty_score: unknown score {score!r}")
 
 

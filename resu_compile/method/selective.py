@@ -13,18 +13,27 @@ def select_trainable(
     alpha: float,
     generator: torch.Generator,
     pruned_count: int | None = None,
+    gradient: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Bool mask of S within ``pruned`` (METHOD.md section 4), and ``|S|``.
 
-    - ``all``: ``S = P``.
+    - ``all`` and ``consistency``: ``S = P`` (consistency picks its per-step subset of S itself).
+    - ``topk``: the ``int(alpha * |P|)`` coordinates of P with the largest ``|gradient|``.
     - ``random``: exactly ``int(alpha * |P|)`` coordinates of P, uniformly at random, drawn once
       at entry (the top-k of uniform noise over P: no permutation, no host round trip when the
       caller knows ``pruned_count``).
     """
     if pruned_count is None:
         pruned_count = int(pruned.sum())
-    if mode == "all":
+    if mode in ("all", "consistency"):
         return pruned.clone(), pruned_count
+    if mode == "topk":
+        if gradient is None:
+            raise ValueError("selection 'topk' needs the gradient G of the weight")
+        count = int(alpha * pruned_count)
+        # A non-finite gradient (a step about to be skipped) must not poison the ranking.
+        scores = gradient.detach().float().nan_to_num(0.0, 0.0, 0.0).abs()
+        return topk_mask(scores, count, eligible=pruned), count
     if mode == "random":
         count = int(alpha * pruned_count)
         noise = torch.rand(pruned.shape, generator=generator, device=pruned.device)

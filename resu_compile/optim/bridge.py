@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from resu_compile.optim.resu_phase import ResuPhaseStep
 from resu_compile.optim.updates import (
     HostSteps,
     masked_update,
     preserves_zeros,
-    theta_update,
     update_rule,
     weight_shaped_state,
 )
@@ -28,11 +28,6 @@ from resu_compile.optim.updates import (
 if TYPE_CHECKING:
     from resu_compile.phases import PhaseController
     from resu_compile.state import ManagedWeight
-
-# Names under which torch.optim keeps first / second moments; the RESU phase stores theta's own
-# moments in their pruned slots, which the sparse invariant keeps at zero and otherwise unused.
-_FIRST_MOMENT_SLOTS = ("exp_avg", "momentum_buffer")
-_SECOND_MOMENT_SLOTS = ("exp_avg_sq",)
 
 
 class OptimizerBridge:
@@ -51,6 +46,9 @@ class OptimizerBridge:
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_carry = 0
         self._host_steps = HostSteps()
+        self._masked_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._plans: dict[int, str | None] = {}
+        self._resu_phase = ResuPhaseStep(controller)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -121,7 +119,13 @@ class OptimizerBridge:
         controller.advance()
         weights = [w for w in controller.state if w.param.grad is not None]
         in_resu = controller.phase.value == "resu"
-        plans = {} if in_resu else {id(w): self._sparse_plan(optimizer, w) for w in weights}
+        trains_actives = not in_resu or not controller.config.freeze_active
+        self._plans = (
+            {id(w): self._active_plan(optimizer, w, in_resu) for w in weights}
+            if trains_actives
+            else {}
+        )
+        plans = self._plans
         self._fallback = []
         self._found_inf = None
         # Only steps whose managed updates run through our own code look for NaN/Inf. Our
@@ -149,11 +153,15 @@ class OptimizerBridge:
                 self._take_grad(weight.param)
             return
         for weight in weights:
-            plan = "kernel" if in_resu else plans[id(weight)]
-            if plan == "kernel":
+            plan = plans.get(id(weight))
+            grad = weight.param.grad
+            if in_resu or plan == "kernel":
                 self._take_grad(weight.param)
-            elif plan == "fallback":
-                weight.param.grad.masked_fill_(~weight.mask(), 0)
+            if plan == "fallback":
+                # The optimizer steps a masked copy; .grad gets the full G back after the step
+                # (RigL's grow step and the gradient amnesty score read it).
+                self._masked_grads.append((weight.param, grad))
+                weight.param.grad = grad.masked_fill(~weight.mask(), 0)
                 self._fallback.append(weight)
         if in_resu and controller.config.freeze_others:
             managed = {id(w.param) for w in controller.state}
@@ -162,20 +170,31 @@ class OptimizerBridge:
                     if id(param) not in managed and param.grad is not None:
                         self._take_grad(param)
 
-    def _sparse_plan(self, optimizer: torch.optim.Optimizer, weight: ManagedWeight) -> str | None:
-        """How the mask reaches this weight's update in a sparse phase.
+    def _active_plan(
+        self, optimizer: torch.optim.Optimizer, weight: ManagedWeight, in_resu: bool
+    ) -> str | None:
+        """How the mask reaches the update of this weight's active coordinates.
 
         - None: nothing to do (no mask yet, or the compiled backward already zeroed the pruned
           gradient and the optimizer keeps zeros at zero by itself);
         - "kernel": our fused masked update replaces the optimizer's step for this weight;
-        - "fallback": mask the gradient now, let the optimizer step, re-mask weight and state.
+        - "fallback": the optimizer steps a masked gradient, then weight and state are re-masked.
+
+        In the RESU phase (``freeze_active=False``) the gradient is never masked in the graph.
         """
         if weight.mask_bits is None:
             return None
-        config = self._controller.config
-        if config.gradient_mask == "graph" and weight.graph_masked and preserves_zeros(optimizer):
+        controller = self._controller
+        config = controller.config
+        if (
+            not in_resu
+            and config.gradient_mask == "graph"
+            and weight.graph_masked
+            and controller.served_variant == "sparse"
+            and preserves_zeros(optimizer)
+        ):
             return None
-        if config.gradient_mask == "optimizer" and update_rule(
+        if (in_resu or config.gradient_mask == "optimizer") and update_rule(
             optimizer, self._groups[id(weight.param)]
         ):
             return "kernel"
@@ -184,12 +203,13 @@ class OptimizerBridge:
     def _after(self, optimizer: torch.optim.Optimizer) -> None:
         controller = self._controller
         stash, self._stash = self._stash, {}
+        masked, self._masked_grads = self._masked_grads, []
         try:
             if not self._skip_managed:
                 with torch.no_grad():
                     self._update_managed(optimizer, stash)
         finally:
-            for param, grad in stash.values():
+            for param, grad in [*stash.values(), *masked]:
                 param.grad = grad
         controller.after_step()
 
@@ -197,74 +217,40 @@ class OptimizerBridge:
         self, optimizer: torch.optim.Optimizer, stash: dict[int, tuple[torch.Tensor, torch.Tensor]]
     ) -> None:
         taken = [(w, stash[id(w.param)][1]) for w in self._controller.state if id(w.param) in stash]
-        if self._controller.phase.value == "resu":
-            self._theta_step(optimizer, taken)
-        else:  # the "kernel" plan: one batched masked update per param group
-            by_group: dict[int, list[tuple[ManagedWeight, torch.Tensor]]] = {}
-            for weight, grad in taken:
-                by_group.setdefault(id(self._groups[id(weight.param)]), []).append((weight, grad))
-            for members in by_group.values():
-                masked_update(
-                    optimizer,
-                    self._groups[id(members[0][0].param)],
-                    [w.param for w, _ in members],
-                    [g for _, g in members],
-                    [w.mask_bits for w, _ in members],
-                    self._host_steps,
-                    self._found_inf,
-                )
-        for weight in self._fallback:
-            self.zero_coordinates(optimizer, weight.param, ~weight.mask())
+        kernel = [(w, g) for w, g in taken if self._plans.get(id(w)) == "kernel"]
+        if self._controller.phase.value != "resu":
+            self._masked_update(optimizer, kernel)
+            self._remask_fallback(optimizer)
+            return
+        if self._plans:  # freeze_active=False: actives step as in a sparse phase, theta kept
+            theta = [w.param.detach().clone() for w, _ in taken]
+            self._masked_update(optimizer, kernel)
+            self._remask_fallback(optimizer)
+            for (weight, _), values in zip(taken, theta, strict=True):
+                weight.param.copy_(torch.where(weight.mask(), weight.param, values))
+        self._resu_phase.step(optimizer, taken, self._found_inf)
 
-    def _theta_step(
+    def _masked_update(
         self, optimizer: torch.optim.Optimizer, taken: list[tuple[ManagedWeight, torch.Tensor]]
     ) -> None:
-        config = self._controller.config
-        slots = [self._theta_slots(optimizer, weight) for weight, _ in taken]
-        if self._controller.resu_steps == 0:
-            # Theta's moments start at zero on every pruned slot, whatever the slot held.
-            for (weight, _), pair in zip(taken, slots, strict=True):
-                if weight.mask_bits is not None:
-                    pruned = ~weight.mask()
-                    for slot in pair:
-                        if slot is not None:
-                            slot.masked_fill_(pruned, 0)
-        theta_update(
-            [w.param for w, _ in taken],
-            [g for _, g in taken],
-            [w.select_bits for w, _ in taken],
-            [pair[0] for pair in slots],
-            [pair[1] for pair in slots],
-            rule=config.theta_optimizer,
-            lr=config.theta_lr,
-            step=self._controller.resu_steps + 1,
-            beta1=config.theta_betas[0],
-            beta2=config.theta_betas[1],
-            weight_decay=config.theta_weight_decay,
-            found_inf=self._found_inf,
-        )
+        """One batched masked update per param group (the "kernel" plan)."""
+        by_group: dict[int, list[tuple[ManagedWeight, torch.Tensor]]] = {}
+        for weight, grad in taken:
+            by_group.setdefault(id(self._groups[id(weight.param)]), []).append((weight, grad))
+        for members in by_group.values():
+            masked_update(
+                optimizer,
+                self._groups[id(members[0][0].param)],
+                [w.param for w, _ in members],
+                [g for _, g in members],
+                [w.mask_bits for w, _ in members],
+                self._host_steps,
+                self._found_inf,
+            )
 
-    def _theta_slots(
-        self, optimizer: torch.optim.Optimizer, weight: ManagedWeight
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Tensors for theta's moments: the optimizer's own pruned slots when it has them."""
-        rule = self._controller.config.theta_optimizer
-        if rule == "sgd":
-            return None, None
-        state = optimizer.state.get(weight.param, {})
-
-        def slot(names: tuple[str, ...], key: str) -> torch.Tensor:
-            for name in names:
-                value = state.get(name)
-                if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                    return value
-            if key not in weight.theta_buffers:
-                weight.theta_buffers[key] = torch.zeros_like(weight.param)
-            return weight.theta_buffers[key]
-
-        first = slot(_FIRST_MOMENT_SLOTS, "exp_avg")
-        second = slot(_SECOND_MOMENT_SLOTS, "exp_avg_sq") if rule == "adamw" else None
-        return first, second
+    def _remask_fallback(self, optimizer: torch.optim.Optimizer) -> None:
+        for weight in self._fallback:
+            self.zero_coordinates(optimizer, weight.param, ~weight.mask())
 
     def _take_grad(self, param: torch.Tensor) -> None:
         self._stash[id(param)] = (param, param.grad)
@@ -306,13 +292,12 @@ class OptimizerBridge:
             for value in weight_shaped_state(optimizer, param):
                 value.masked_fill_(where, 0)
 
-    @staticmethod
-    def zero_state(
-        optimizer: torch.optim.Optimizer | None, weight: ManagedWeight, where: torch.Tensor
+    def restart_state(
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        weight: ManagedWeight,
+        resurrected: torch.Tensor,
+        carry: bool,
     ) -> None:
-        """Optimizer state (the user's and theta's own buffers) becomes 0 where ``where``."""
-        tensors = list(weight.theta_buffers.values())
-        if optimizer is not None:
-            tensors += weight_shaped_state(optimizer, weight.param)
-        for value in tensors:
-            value.masked_fill_(where, 0)
+        """Optimizer state of resurrected coordinates: zero, or theta's moments (``carry``)."""
+        self._resu_phase.restart_state(optimizer, weight, resurrected, carry)

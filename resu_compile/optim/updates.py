@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.optimizer import _get_scalar_dtype
 
 from resu_compile.kernels import reference
 
@@ -169,7 +170,7 @@ def masked_update(
     if rule == "adam":
         for param, state in zip(params, states, strict=True):
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.optim.optimizer._get_scalar_dtype())
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         steps = [

@@ -1,0 +1,191 @@
+"""The RESU phase's optimizer step: theta on the trainable set S, by the selective mode's rules.
+
+Where theta's state lives (memory is the product's promise, so reuse comes first):
+
+- theta-optimizer moments: the user's optimizer's own weight-shaped slots (``exp_avg`` /
+  ``momentum_buffer``, ``exp_avg_sq``) on the pruned coordinates, which the sparse invariant keeps
+  at zero and nothing else reads while actives are frozen;
+- the consistency statistics ``m`` and ``v``: those same slots, which the theta-optimizer's moments
+  then give up for buffers of their own;
+- with ``freeze_active=False`` the user's optimizer keeps stepping the actives and zeroes its
+  pruned slots every step, so everything theta needs gets buffers of its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from resu_compile.kernels.bits import pack_bits
+from resu_compile.method.consistency import select_consistent, update_statistics_
+from resu_compile.optim.updates import theta_update, weight_shaped_state
+
+if TYPE_CHECKING:
+    from resu_compile.phases import PhaseController
+    from resu_compile.state import ManagedWeight
+
+# Names under which torch.optim keeps first / second moments.
+FIRST_MOMENT_SLOTS = ("exp_avg", "momentum_buffer")
+SECOND_MOMENT_SLOTS = ("exp_avg_sq",)
+
+Slots = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+def optimizer_slots(optimizer: torch.optim.Optimizer | None, weight: ManagedWeight) -> Slots:
+    """The user's optimizer's first / second moment tensors of ``weight`` (None where absent)."""
+    state = optimizer.state.get(weight.param, {}) if optimizer is not None else {}
+
+    def find(names: tuple[str, ...]) -> torch.Tensor | None:
+        for name in names:
+            value = state.get(name)
+            if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                return value
+        return None
+
+    return find(FIRST_MOMENT_SLOTS), find(SECOND_MOMENT_SLOTS)
+
+
+def _buffer(weight: ManagedWeight, key: str) -> torch.Tensor:
+    if key not in weight.theta_buffers:
+        weight.theta_buffers[key] = torch.zeros_like(weight.param)
+    return weight.theta_buffers[key]
+
+
+class ResuPhaseStep:
+    """One controller's theta step (``step``) and the slot bookkeeping commits need."""
+
+    def __init__(self, controller: PhaseController) -> None:
+        self._controller = controller
+
+    @property
+    def _shares_slots(self) -> bool:
+        return self._controller.config.freeze_active
+
+    def statistics(
+        self, optimizer: torch.optim.Optimizer | None, weight: ManagedWeight
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the consistency mode keeps ``m`` and ``v``."""
+        first, second = optimizer_slots(optimizer, weight) if self._shares_slots else (None, None)
+        return (
+            first if first is not None else _buffer(weight, "consistency_m"),
+            second if second is not None else _buffer(weight, "consistency_v"),
+        )
+
+    def theta_moments(
+        self, optimizer: torch.optim.Optimizer | None, weight: ManagedWeight
+    ) -> Slots:
+        """Where theta's optimizer keeps its first / second moments (None if its rule has none)."""
+        config = self._controller.config
+        rule = config.theta_optimizer
+        if rule == "sgd":
+            return None, None
+        own = self._shares_slots and config.selection != "consistency"
+        first, second = optimizer_slots(optimizer, weight) if own else (None, None)
+        first = first if first is not None else _buffer(weight, "exp_avg")
+        if rule != "adamw":
+            return first, None
+        return first, second if second is not None else _buffer(weight, "exp_avg_sq")
+
+    @torch.no_grad()
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        taken: list[tuple[ManagedWeight, torch.Tensor]],
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        """Update theta on S (or, in consistency mode, on this step's subset I, by ``C * g``)."""
+        controller = self._controller
+        config = controller.config
+        first_step = controller.resu_steps == 0
+        if first_step and self._shares_slots:
+            # The shared slots hold 0 on P in sparse phases; make sure whatever they held is gone.
+            for weight, _ in taken:
+                if weight.mask_bits is not None:
+                    pruned = ~weight.mask()
+                    for slot in optimizer_slots(optimizer, weight):
+                        if slot is not None:
+                            slot.masked_fill_(pruned, 0)
+        grads, bits, moments = [], [], []
+        for weight, grad in taken:
+            moment_pair = self.theta_moments(optimizer, weight)
+            if config.selection == "topk" and self._reselects(first_step):
+                restart = controller.select_by_gradient(weight, grad)
+                for moment in moment_pair:
+                    if moment is not None:
+                        moment.masked_fill_(restart, 0)
+            if config.selection == "consistency":
+                grad, selected = self._consistent_step(optimizer, weight, grad, found_inf)
+                bits.append(pack_bits(selected))
+            else:
+                bits.append(weight.select_bits)
+            grads.append(grad)
+            moments.append(moment_pair)
+        theta_update(
+            [w.param for w, _ in taken],
+            grads,
+            bits,
+            [pair[0] for pair in moments],
+            [pair[1] for pair in moments],
+            rule=config.theta_optimizer,
+            lr=config.theta_lr,
+            step=controller.resu_steps + 1,
+            beta1=config.theta_betas[0],
+            beta2=config.theta_betas[1],
+            weight_decay=config.theta_weight_decay,
+            found_inf=found_inf,
+        )
+
+    def _reselects(self, first_step: bool) -> bool:
+        refresh = self._controller.config.refresh
+        steps = self._controller.resu_steps
+        return first_step or (refresh > 0 and steps % refresh == 0)
+
+    def _consistent_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        weight: ManagedWeight,
+        grad: torch.Tensor,
+        found_inf: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance m, v on P; return ``(C * g, I)`` (METHOD.md section 4, consistency)."""
+        config = self._controller.config
+        pruned = ~weight.mask()
+        if found_inf is not None:  # a skipped step leaves the statistics as they were
+            pruned = pruned & ~found_inf.bool()
+            grad = grad.nan_to_num(0.0, 0.0, 0.0)
+        m, v = self.statistics(optimizer, weight)
+        consistency = update_statistics_(grad, m, v, pruned, config.consistency_beta)
+        p = weight.numel - weight.active_count()
+        selected = select_consistent(
+            grad,
+            consistency,
+            pruned,
+            int(config.screen_fraction * p),
+            int(config.alpha * p),
+            config.consistency_tau,
+        )
+        return (consistency * grad.float()).to(grad.dtype), selected
+
+    @torch.no_grad()
+    def restart_state(
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        weight: ManagedWeight,
+        resurrected: torch.Tensor,
+        carry: bool,
+    ) -> None:
+        """A resurrected weight's optimizer state: zero, or (``carry``) theta's own moments."""
+        first, second = optimizer_slots(optimizer, weight)
+        theta = self.theta_moments(optimizer, weight) if carry else (None, None)
+        for value in weight_shaped_state(optimizer, weight.param) if optimizer else []:
+            source = theta[0] if value is first else theta[1] if value is second else None
+            if source is value:
+                continue  # theta's moments already live there
+            if source is None:
+                value.masked_fill_(resurrected, 0)
+            else:
+                value.copy_(torch.where(resurrected, source, value))
+        if not carry:
+            for buffer in weight.theta_buffers.values():
+                buffer.masked_fill_(resurrected, 0)
