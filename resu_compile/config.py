@@ -64,8 +64,9 @@ class ResuConfig:
             list of per-cycle sparsities (one per cycle, each in [0, 1); a decreasing list
             densifies). Default: "cubic" for gmp, "constant" with a ``pattern``, else "linear".
         pause_after, on_pause: cycles after which the schedule pauses. The controller then calls
-            ``on_pause(model, cycle)`` (e.g. a reinforcement-learning stage, which may train the
-            model: masks stay enforced and its steps do not move the schedule) and resumes; with no
+            ``on_pause(model, cycle)`` with the module given to ``resu.compile`` (e.g. a
+            reinforcement-learning stage, which may train it, compiled or not: masks stay enforced
+            and its steps do not move the schedule) and resumes; with no
             callback it stays paused until ``model.resu.resume()``.
         manual: if True the controller never changes phase by itself; the user calls
             ``prune()``, ``enter_resu()`` and ``commit()`` (method "resu" only).

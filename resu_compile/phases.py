@@ -257,7 +257,8 @@ class PhaseController:
             self._record("pause", cycle=finished)
             if self.config.on_pause is not None:
                 module = self._module() if self._module is not None else None
-                self.config.on_pause(module, finished)
+                with torch.enable_grad():  # transitions run under no_grad; the stage may train
+                    self.config.on_pause(module, finished)
                 self.resume()
 
     def _phase_after_cycle(self) -> Phase:

@@ -211,6 +211,9 @@ class OptimizerBridge:
         finally:
             for param, grad in [*stash.values(), *masked]:
                 param.grad = grad
+        # The next step trusts a graph mask only if a compiled forward serves it again (an eager
+        # forward of the original module, e.g. in a pause callback, masks nothing).
+        controller.served_variant = None
         controller.after_step()
 
     def _update_managed(
