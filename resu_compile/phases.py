@@ -27,6 +27,7 @@ from resu_compile.method.selective import initial_theta, select_trainable
 from resu_compile.optim.bridge import OptimizerBridge
 from resu_compile.report import render_report
 from resu_compile.state import ManagedWeight, StateManager
+from resu_compile.telemetry import render_history
 
 STATE_FORMAT = 2
 
@@ -642,6 +643,13 @@ class PhaseController:
     def report(self) -> str:
         """Managed weights (name, shape, ops, sparsity) and skipped candidates with reasons."""
         return render_report(self)
+
+    def telemetry(self, totals_only: bool = False) -> str:
+        """METHOD.md section 6 as a table: per layer and cycle, target and actual sparsity,
+        resurrected weights and rate, churn, survivors and amnesty budget used, with model
+        totals weighted by layer size (the data itself is ``history``)."""
+        sizes = {weight.name: weight.numel for weight in self.state}
+        return render_history(self.history, layer_sizes=sizes, totals_only=totals_only)
 
     # -- persistence ------------------------------------------------------------------------
 

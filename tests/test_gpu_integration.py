@@ -13,17 +13,25 @@ from tests.zoo import ZOO_BY_NAME
 pytestmark = pytest.mark.gpu
 
 
-def _run(entry, dtype: torch.dtype, make_optimizer, compiler: str, gradient_mask: str = "graph"):
+def _run(
+    entry,
+    dtype: torch.dtype,
+    make_optimizer,
+    compiler: str,
+    gradient_mask: str = "graph",
+    **options,
+):
     model = entry.build().to(device="cuda", dtype=dtype)
+    options = {"theta_optimizer": "adamw", **options}
     compiled = resu.compile(
         model,
         sparsity=0.7,
         cycles=2,
         steps_per_cycle=10,
-        theta_optimizer="adamw",
         theta_lr=1e-2,
         compiler=compiler,
         gradient_mask=gradient_mask,
+        **options,
     )
     optimizer = make_optimizer(model.parameters())
     controller = compiled.resu
@@ -74,3 +82,29 @@ def test_fused_path_equals_reference_path_on_cuda(
         fused_model.named_parameters(), reference_model.named_parameters(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+METHOD_OPTIONS = {
+    "rigl": {"method": "rigl", "rigl_interval": 3},
+    "gmp": {"method": "gmp"},
+    "topk_refresh": {"selection": "topk", "refresh": 2},
+    "consistency_adamw": {"selection": "consistency"},
+    "consistency_sgd": {"selection": "consistency", "theta_optimizer": "sgd"},
+    "train_actives": {"freeze_active": False},
+    "gradient_amnesty_carry": {"amnesty_score": "gradient", "carry_theta_state": True},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_every_method_option_keeps_the_invariants_on_cuda(dtype: torch.dtype, method: str) -> None:
+    _, controller = _run(
+        ZOO_BY_NAME["transformer"],
+        dtype,
+        OPTIMIZERS["adamw_fused"],
+        "inductor",
+        "optimizer",
+        **METHOD_OPTIONS[method],
+    )
+    assert controller.phase is resu.Phase.DONE
+    assert controller.history

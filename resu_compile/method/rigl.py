@@ -36,5 +36,7 @@ def rigl_regrow(
     if count == 0:
         return mask.clone(), torch.zeros_like(mask)
     kept = topk_mask(weight.detach().abs(), n_active - count, eligible=mask)
-    grown = topk_mask(grad.detach().abs(), count, eligible=~kept)
+    # A non-finite gradient (a step skipped for NaN / Inf) must not poison the ranking.
+    scores = grad.detach().float().nan_to_num(0.0, 0.0, 0.0).abs()
+    grown = topk_mask(scores, count, eligible=~kept)
     return kept | grown, grown & ~mask
