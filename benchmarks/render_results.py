@@ -1,4 +1,4 @@
-"""Render benchmarks/RESULTS.md and the README's performance section from the results JSON.
+"""Render benchmarks/RESULTS.md and the README's performance and accuracy sections from the JSON.
 
 Numbers are never typed by hand: this script is the only writer of both. Usage:
 
@@ -17,6 +17,14 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parent.parent
 README_START = "<!-- performance:start -->"
 README_END = "<!-- performance:end -->"
+ACCURACY_START = "<!-- accuracy:start -->"
+ACCURACY_END = "<!-- accuracy:end -->"
+ACCURACY_TASKS = ("fmnist-mlp", "fmnist-vit", "kjv-gpt")  # table order; other tasks follow
+ACCURACY_NOT_MEASURED = (
+    "Not measured yet: run `python -m benchmarks.accuracy --task TASK` on the GPU machine "
+    "(tasks: " + ", ".join(f"`{t}`" for t in ACCURACY_TASKS) + "), then "
+    "`python benchmarks/render_results.py`."
+)
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -108,6 +116,75 @@ def kernels_section(result: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def accuracy_results(results: Path) -> list[dict[str, Any]]:
+    """Every ``accuracy-<task>.json``, in :data:`ACCURACY_TASKS` order."""
+    found = [json.loads(p.read_text()) for p in sorted(results.glob("accuracy-*.json"))]
+    order = {task: i for i, task in enumerate(ACCURACY_TASKS)}
+    return sorted(found, key=lambda r: (order.get(r["task"], len(order)), r["task"]))
+
+
+def accuracy_section(result: dict[str, Any]) -> str:
+    """One task: rows = method, columns = sparsity ("mean ± std" over seeds), resurrected counts."""
+    perplexity = not result.get("higher_is_better", True)
+    digits = 3 if perplexity else 2
+    sparsities = sorted({row["sparsity"] for row in result["summary"]})
+    methods = list(dict.fromkeys(row["method"] for row in result["summary"]))
+    cells = {(row["method"], row["sparsity"]): row for row in result["summary"]}
+    rows = []
+    for method in methods:
+        row = {"method": method}
+        for s in sparsities:
+            cell = cells.get((method, s))
+            row[f"{s:.0%} sparsity"] = "" if cell is None else _mean_std(cell, digits)
+        for s in sparsities:
+            cell = cells.get((method, s))
+            resurrected = cell is not None and (
+                method.startswith("resu") or cell["resurrected_mean"] > 0
+            )
+            text = ""
+            if resurrected:
+                text = f"{cell['resurrected_mean']:,.0f}"
+                if "resurrected_trained_mean" in cell:
+                    text += f" ({cell['resurrected_trained_mean']:,.0f})"
+            row[f"resurrected ({s:.0%})"] = text
+        rows.append(row)
+    seeds = sorted({run["seed"] for run in result["runs"]})
+    optimizer = result.get("optimizer", {})
+    notes = [
+        f"{result['steps']} optimizer steps of batch {result['batch_size']} for every trained "
+        f"method (AdamW, lr {optimizer.get('lr')}, weight decay {optimizer.get('weight_decay')}, "
+        "linear warm-up then cosine decay); "
+        f"{'lower' if perplexity else 'higher'} is better; mean ± sample std over seeds "
+        f"{', '.join(map(str, seeds))}. `dense` is trained once per seed and shown at every "
+        "sparsity; `pruned-no-recovery` is its final model pruned by magnitude with no further "
+        "training. `resurrected`: weights brought back by all commits of a run, mean over seeds; in "
+        "brackets, how many of them had trained as theta (the others return as untrained zeros).",
+    ]
+    if result.get("errors"):
+        notes.append(f"**{len(result['errors'])} runs failed** and are missing from the table.")
+    return "\n\n".join(
+        [
+            f"### {result['task']}: {result['metric']}",
+            _provenance(result, result["command"]),
+            *notes,
+            tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
+        ]
+    )
+
+
+def _mean_std(cell: dict[str, Any], digits: int) -> str:
+    """``mean ± std`` over seeds; the mean alone for a single seed."""
+    text = f"{cell['mean']:.{digits}f}"
+    return f"{text} ± {cell['std']:.{digits}f}" if len(cell["seeds"]) > 1 else text
+
+
+def accuracy_sections(results: Path) -> str:
+    found = accuracy_results(results)
+    if not found:
+        return ACCURACY_NOT_MEASURED
+    return "\n\n".join(accuracy_section(result) for result in found)
+
+
 def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
@@ -127,16 +204,19 @@ def render(results: Path) -> str:
     kernels = _load(results / "kernels.json")
     if kernels:
         sections += ["## Kernels", kernels_section(kernels)]
+    sections += ["## Accuracy", accuracy_sections(results)]
     return "\n\n".join(sections) + "\n"
 
 
-def update_readme(readme: Path, body: str) -> None:
+def update_readme(
+    readme: Path, body: str, start: str = README_START, end: str = README_END
+) -> None:
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{readme} has no {README_START} ... {README_END} markers")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{body}\n{README_END}{tail}")
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
 
 
 def main() -> None:
@@ -151,6 +231,7 @@ def main() -> None:
         ROOT / "README.md",
         summary + "\n\nKernel tables: [benchmarks/RESULTS.md](benchmarks/RESULTS.md).",
     )
+    update_readme(ROOT / "README.md", accuracy_sections(args.results), ACCURACY_START, ACCURACY_END)
     print(document)
 
 
