@@ -19,6 +19,8 @@ judged on weights that joined in its last step.
 * ``gmp``: gradual magnitude pruning, Zhu & Gupta cubic schedule, one prune per cycle (5 cycles).
 * ``rigl``: RigL (ERK, drop / grow every 100 steps until 75% of the budget).
 * ``resu-random`` / ``resu-consistency``: RESU, 5 cycles, random / consistency selection.
+* ``resu-unfrozen``: RESU (random) with ``freeze_active=False, freeze_others=False``: the RESU
+  phase no longer stops the rest of the network from training.
 
 Runs go to ``--workers`` processes (spawned; each trains one run at a time from a shared queue), so
 many small trainings share one GPU. Usage (GPU machine; the data folder holds ``fashion-mnist/``
@@ -67,6 +69,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "rigl": {"method": "rigl"},
     "resu-random": {"method": "resu", "selection": "random", "cycles": 5},
     "resu-consistency": {"method": "resu", "selection": "consistency", "cycles": 5},
+    # The RESU phase without freezing: actives and the rest keep training while theta trains.
+    "resu-unfrozen": {
+        "method": "resu",
+        "freeze_active": False,
+        "freeze_others": False,
+        "cycles": 5,
+    },
 }
 #: The dense run's final weights pruned by magnitude, evaluated with no further training.
 NO_RECOVERY = "pruned-no-recovery"
@@ -264,12 +273,14 @@ def execute(
     max_eval: int | None = None,
     threads: int | None = None,
     log: Callable[[str], None] = print,
+    on_record: Callable[[list[dict[str, Any] | None]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every run's record (or ``{"error", "run"}``), in the order of ``runs``.
 
     ``workers == 1`` trains in this process, with the caller's intra-op thread count unless
     ``threads`` is given; more spawn that many processes fed from one queue, each with ``threads``
-    intra-op threads (default: the cores shared out among the workers).
+    intra-op threads (default: the cores shared out among the workers). ``on_record`` sees the
+    records so far (None for runs not finished) after each run, e.g. to save partial results.
     """
     worker_args = (device, compiler, data_dir, max_eval)
     records: list[dict[str, Any] | None] = [None] * len(runs)
@@ -277,6 +288,8 @@ def execute(
 
     def done(index: int, record: dict[str, Any]) -> None:
         records[index] = record
+        if on_record is not None:
+            on_record(records)
         finished = sum(r is not None for r in records)
         outcome = "FAILED" if "error" in record else f"{record['metric']:.4g}"
         log(
@@ -475,6 +488,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = plan(task, args.methods, args.sparsities, args.seeds)
     print(f"{len(runs)} runs of {task.steps} steps on {device} with {workers} workers", flush=True)
     start = time.perf_counter()
+    out = args.out or ROOT / "benchmarks" / "results" / f"accuracy-{task.name}.json"
+
+    def result_of(records: Sequence[dict[str, Any] | None], partial: bool) -> dict[str, Any]:
+        done = [r for r in records if r is not None]
+        return {
+            "task": task.name,
+            **environment(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "command": shlex.join(["python", "-m", "benchmarks.accuracy", *argv]),
+            "partial": partial,
+            "steps": task.steps,
+            "batch_size": task.batch_size,
+            "optimizer": {
+                "name": "AdamW",
+                "lr": task.lr,
+                "betas": list(task.betas),
+                "weight_decay": task.weight_decay,
+                "warmup_fraction": task.warmup_fraction,
+                "final_lr_fraction": task.final_lr_fraction,
+            },
+            "model_args": dict(task.model_args),
+            "metric": task.metric,
+            "higher_is_better": task.higher_is_better,
+            "compiler": compiler,
+            "workers": workers,
+            "max_eval": args.max_eval,
+            "schedule_fraction": SCHEDULE_FRACTION,
+            "methods": {m: METHODS[m] for m in args.methods},
+            "wall_seconds": time.perf_counter() - start,
+            "runs": [r for r in done if "error" not in r],
+            "errors": [r for r in done if "error" in r],
+            "summary": summarize(task, done, args.sparsities),
+        }
+
     records = execute(
         runs,
         device=str(device),
@@ -484,38 +531,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_eval=args.max_eval,
         threads=args.threads or max(1, (os.cpu_count() or 1) // workers),
         log=lambda line: print(line, flush=True),
+        # Saved after every run, so a run cut short by a time limit still leaves its results.
+        on_record=lambda so_far: write_json(out, result_of(so_far, partial=True)),
     )
-    errors = [r for r in records if "error" in r]
-    summary = summarize(task, records, args.sparsities)
-    result = {
-        "task": task.name,
-        **environment(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "command": shlex.join(["python", "-m", "benchmarks.accuracy", *argv]),
-        "steps": task.steps,
-        "batch_size": task.batch_size,
-        "optimizer": {
-            "name": "AdamW",
-            "lr": task.lr,
-            "betas": list(task.betas),
-            "weight_decay": task.weight_decay,
-            "warmup_fraction": task.warmup_fraction,
-            "final_lr_fraction": task.final_lr_fraction,
-        },
-        "model_args": dict(task.model_args),
-        "metric": task.metric,
-        "higher_is_better": task.higher_is_better,
-        "compiler": compiler,
-        "workers": workers,
-        "max_eval": args.max_eval,
-        "methods": {m: METHODS[m] for m in args.methods},
-        "wall_seconds": time.perf_counter() - start,
-        "runs": [r for r in records if "error" not in r],
-        "errors": errors,
-        "summary": summary,
-    }
-    out = args.out or ROOT / "benchmarks" / "results" / f"accuracy-{task.name}.json"
+    result = result_of(records, partial=False)
     write_json(out, result)
+    errors, summary = result["errors"], result["summary"]
     for error in errors:
         print(f"\n{error['run']} failed:\n{error['error']}", file=sys.stderr)
     print(f"\n{len(records) - len(errors)}/{len(records)} runs in {result['wall_seconds']:.0f} s")

@@ -1,4 +1,4 @@
-"""Bandwidth of the fused masked updates and speed of the sort-free top-k threshold (GPU only).
+"""Bandwidth of the fused masked updates, sort-free top-k and the inline W_eff matmul (GPU only).
 
 The update kernels are memory bound, so the figure of merit is achieved bandwidth against the copy
 ceiling measured in the same run (a large device-to-device ``copy_``, bytes read + written). Bytes
@@ -14,7 +14,22 @@ The multi-tensor case times the RESU phase's theta step over GPT-2-small's 48 ma
 work done (``torch.cuda.synchronize`` on both sides), both ``time.perf_counter`` medians; ``do_bench
 ms`` is do_bench's median of the same callable.
 
-Usage (on the GPU machine): ``python benchmarks/kernels.py [--out benchmarks/results/kernels.json]``
+The inline case times one linear layer ``tokens x in -> out`` in bf16 whose weight is kept apart
+from theta (``W_eff = where(M, W, Theta)``, mask packed as bits, 50% random): forward and forward +
+backward (``torch.autograd.grad`` of ``Y`` against a fixed ``dY``) of cuBLAS ``F.linear`` on the
+in-place ``W`` (the dense baseline: in-place storage IS ``W_eff``), of materializing ``W_eff`` then
+cuBLAS (eager, and fused into one Inductor kernel), and of the inline Triton kernels
+(:mod:`resu_compile.kernels.inline_matmul`; the first call autotunes them, before timing). The
+``x, theta`` rows are the RESU phase with frozen actives (no weight gradient). ``TFLOP/s`` counts
+``2 * tokens * in * out`` per matmul; ``peak MB`` is the peak allocation of one forward + backward
+above what was allocated before it (inputs resident), ``+MB vs dense`` its excess over the cuBLAS
+row; ``max err`` the largest difference of the forward output to the eager materialized one
+(blank for the dense row, which computes with ``W`` alone).
+
+Usage (on the GPU machine): ``python -m benchmarks.kernels [--out benchmarks/results/kernels.json]
+[--only inline ...]``. With ``--only`` just the named sections run and, if ``--out`` exists, they
+replace those sections in it and keep the others; ``provenance`` records where and when each
+section was measured.
 """
 
 from __future__ import annotations
@@ -28,12 +43,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import triton
 from tabulate import tabulate
 from triton.testing import do_bench
 
-from resu_compile.kernels import fused_update
-from resu_compile.kernels.bits import pack_bits
+from resu_compile.kernels import fused_update, inline_matmul
+from resu_compile.kernels.bits import pack_bits, unpack_bits
 from resu_compile.kernels.fused_update import (
     fused_masked_adam_,
     fused_masked_adam_multi_,
@@ -62,6 +78,11 @@ TOPK_FRACTIONS = [0.2, 0.5]  # alpha of selective RESU and k_screen of the consi
 # GPT-2-small's managed weights: per block attn c_attn, attn c_proj, mlp c_fc, mlp c_proj.
 GPT2_SMALL_SHAPES = [(768, 2304), (768, 768), (3072, 768), (768, 3072)] * 12
 MULTI_REPS = 200
+# Inline W_eff matmul: (tokens, in, out) of one linear layer, bf16, 50% random mask.
+INLINE_SHAPES = [(8192, 4096, 4096), (8192, 768, 3072)]
+INLINE_DENSITY = 0.5
+# --only choices -> key of the JSON result.
+SECTIONS = {"updates": "updates", "multi": "multi_tensor", "topk": "topk", "inline": "inline"}
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -302,36 +323,192 @@ def _bench_topk() -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels.json"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+class _InlineCase:
+    """One variant of the inline-matmul comparison on one layer: a forward and the tensors whose
+    gradients its backward computes."""
 
-    ceiling = _copy_ceiling_gbps()
-    updates = _bench_updates(ceiling)
-    multi = _bench_multi()
-    topk = _bench_topk()
-    result = {
+    def __init__(
+        self,
+        variant: str,
+        forward: Callable[[], torch.Tensor],
+        grads: dict[str, torch.Tensor],
+        time_forward: bool = True,
+    ) -> None:
+        self.variant = variant
+        self.forward = forward
+        self.grads = tuple(grads.values())
+        self.grad_names = ", ".join(grads)
+        self.time_forward = time_forward
+
+    def step(self, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward + backward (fresh gradients, no accumulation into ``.grad``)."""
+        return torch.autograd.grad(self.forward(), self.grads, dy)
+
+
+def _materialize(bits: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """What the separate-theta storage costs naively: ``W_eff`` as a weight-sized temporary."""
+    return torch.where(unpack_bits(bits, weight.shape), weight, theta)
+
+
+_materialize_compiled = torch.compile(_materialize, dynamic=False)
+
+
+def _inline_cases(
+    shape: tuple[int, int, int],
+) -> tuple[list[_InlineCase], torch.Tensor]:
+    """The variants on fresh bf16 tensors of one ``(tokens, in, out)`` layer, and ``dY``."""
+    tokens, in_f, out_f = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, device="cuda").to(torch.bfloat16)
+
+    x = rand(tokens, in_f).requires_grad_()
+    weight = (rand(out_f, in_f) * in_f**-0.5).requires_grad_()
+    theta = (rand(out_f, in_f) * 0.1 * in_f**-0.5).requires_grad_()
+    bits = pack_bits(torch.rand(out_f, in_f, generator=gen, device="cuda") < INLINE_DENSITY)
+    dy = rand(tokens, out_f)
+
+    def dense() -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def eager() -> torch.Tensor:
+        return F.linear(x, _materialize(bits, weight, theta))
+
+    def fused() -> torch.Tensor:
+        return F.linear(x, _materialize_compiled(bits, weight, theta))
+
+    def inline() -> torch.Tensor:
+        return inline_matmul.InlineLinear.apply(x, weight, bits, theta, None)
+
+    all3, resu = {"x": x, "W": weight, "theta": theta}, {"x": x, "theta": theta}
+    cases = [
+        _InlineCase("cuBLAS F.linear, in-place W (dense)", dense, {"x": x, "W": weight}),
+        _InlineCase("materialize W_eff (eager) + cuBLAS", eager, all3),
+        _InlineCase("materialize W_eff (Inductor) + cuBLAS", fused, all3),
+        _InlineCase("inline Triton", inline, all3),
+        _InlineCase("materialize W_eff (eager) + cuBLAS", eager, resu, time_forward=False),
+        _InlineCase("inline Triton", inline, resu, time_forward=False),
+    ]
+    return cases, dy
+
+
+def _peak_mb(fn: Callable[[], object]) -> float:
+    """Peak allocation of one call above what was allocated before it, in MiB."""
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def _bench_inline() -> list[dict]:
+    rows = []
+    for shape in INLINE_SHAPES:
+        tokens, in_f, out_f = shape
+        flop = 2 * tokens * in_f * out_f
+        cases, dy = _inline_cases(shape)
+        with torch.no_grad():
+            want = cases[1].forward().float()
+        dense_fwd = dense_step = dense_peak = None
+        for case in cases:
+            err = None
+            if case is not cases[0]:
+                with torch.no_grad():
+                    err = (case.forward().float() - want).abs().max().item()
+            fwd_ms = None
+            if case.time_forward:
+                with torch.no_grad():
+                    fwd_ms = _median_ms(case.forward)
+            step_ms = _median_ms(lambda case=case, dy=dy: case.step(dy))
+            peak = _peak_mb(lambda case=case, dy=dy: case.step(dy))
+            # Forward, dX, and one matmul for W_eff's gradient however it is split (W, theta).
+            step_flop = flop * (2 + ("x" in case.grad_names.split(", ")))
+            if dense_step is None:
+                dense_fwd, dense_step, dense_peak = fwd_ms, step_ms, peak
+            rows.append(
+                {
+                    "shape": "x".join(map(str, shape)),
+                    "variant": case.variant,
+                    "grads": case.grad_names,
+                    "fwd ms": fwd_ms,
+                    "fwd TFLOP/s": None if fwd_ms is None else flop / fwd_ms / 1e9,
+                    "fwd vs dense": None if fwd_ms is None else fwd_ms / dense_fwd,
+                    "fwd+bwd ms": step_ms,
+                    "fwd+bwd TFLOP/s": step_flop / step_ms / 1e9,
+                    "fwd+bwd vs dense": step_ms / dense_step,
+                    "peak MB": peak,
+                    "+MB vs dense": peak - dense_peak,
+                    "max err": err,
+                }
+            )
+        del cases, dy
+        torch.cuda.empty_cache()
+    return rows
+
+
+def inline_table(rows: list[dict]) -> str:
+    """The inline rows as printed (``None``, e.g. no forward timing, as blank)."""
+    return tabulate(
+        [{k: ("" if v is None else v) for k, v in row.items()} for row in rows],
+        headers="keys",
+        floatfmt=".4g",
+    )
+
+
+def _environment() -> dict[str, str]:
+    return {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "copy_ceiling_GBps": ceiling,
-        "updates": updates,
-        "multi_tensor": multi,
-        "topk": topk,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels.json"))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(SECTIONS),
+        help="run only these sections; with an existing --out, replace just them in it",
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+
+    run = args.only or list(SECTIONS)
+    env = _environment()
+    merge = args.only and args.out.exists()
+    result = json.loads(args.out.read_text()) if merge else dict(env)
+    provenance = result.setdefault("provenance", {})
+    tables = []
+    if "topk" in run:
+        result["topk"] = _bench_topk()
+        tables.append(tabulate(result["topk"], headers="keys", floatfmt=".4g"))
+    if "updates" in run:
+        ceiling = _copy_ceiling_gbps()
+        result["copy_ceiling_GBps"] = ceiling
+        result["updates"] = _bench_updates(ceiling)
+        tables.append(f"copy ceiling: {ceiling:.0f} GB/s (read + write)")
+        tables.append(tabulate(result["updates"], headers="keys", floatfmt=".4g"))
+    if "multi" in run:
+        result["multi_tensor"] = _bench_multi()
+        tables.append(tabulate(result["multi_tensor"], headers="keys", floatfmt=".4g"))
+    if "inline" in run:
+        result["inline"] = _bench_inline()
+        tables.append(inline_table(result["inline"]))
+    for section in run:
+        provenance[SECTIONS[section]] = env
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['gpu']}  torch {result['torch']}  triton {result['triton']}  -> {args.out}")
-    print(f"copy ceiling: {ceiling:.0f} GB/s (read + write)\n")
-    print(tabulate(topk, headers="keys", floatfmt=".4g"))
-    print()
-    print(tabulate(updates, headers="keys", floatfmt=".4g"))
-    print()
-    print(tabulate(multi, headers="keys", floatfmt=".4g"))
+    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  -> {args.out}\n")
+    print("\n\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -160,8 +160,19 @@ def accuracy_section(result: dict[str, Any]) -> str:
         "training. `resurrected`: weights brought back by all commits of a run, mean over seeds; in "
         "brackets, how many of them had trained as theta (the others return as untrained zeros).",
     ]
+    if "schedule_fraction" in result:
+        notes.append(
+            f"Pruning schedules (RESU cycles, GMP, one-shot) span the first "
+            f"{result['schedule_fraction']:.0%} of the steps and the rest trains at the final "
+            "sparsity; RigL stops changing masks at 75%."
+        )
     if result.get("errors"):
         notes.append(f"**{len(result['errors'])} runs failed** and are missing from the table.")
+    if result.get("partial"):
+        notes.append(
+            f"**Partial result**: the run stopped after {len(result['runs'])} trainings; "
+            "cells with fewer seeds than the others are incomplete."
+        )
     return "\n\n".join(
         [
             f"### {result['task']}: {result['metric']}",
@@ -185,6 +196,26 @@ def accuracy_sections(results: Path) -> str:
     return "\n\n".join(accuracy_section(result) for result in found)
 
 
+def sweep_section(result: dict[str, Any]) -> str:
+    """The defaults sweep: every RESU variant (and RigL) on one task and sparsity, best first."""
+    rows = [
+        {
+            "variant": row["method"],
+            result["metric"]: _mean_std(row, 2),
+            "resurrected (trained)": f"{row['resurrected_mean']:,.0f} "
+            f"({row['resurrected_trained_mean']:,.0f})",
+        }
+        for row in result["summary"]
+    ]
+    return "\n\n".join(
+        [
+            f"### {result['task']} at {result['sparsity']:.0%} sparsity, {result['steps']} steps",
+            _provenance(result, result["command"]),
+            tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
+        ]
+    )
+
+
 def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
@@ -205,6 +236,10 @@ def render(results: Path) -> str:
     if kernels:
         sections += ["## Kernels", kernels_section(kernels)]
     sections += ["## Accuracy", accuracy_sections(results)]
+    sweeps = [json.loads(p.read_text()) for p in sorted(results.glob("sweep-*.json"))]
+    if sweeps:
+        sections += ["## Defaults sweep (theta-optimizer, rate, selection, alpha)"]
+        sections += [sweep_section(sweep) for sweep in sweeps]
     return "\n\n".join(sections) + "\n"
 
 
