@@ -18,9 +18,10 @@ judged on weights that joined in its last step.
   masked fine-tuning.
 * ``gmp``: gradual magnitude pruning, Zhu & Gupta cubic schedule, one prune per cycle (5 cycles).
 * ``rigl``: RigL (ERK, drop / grow every 100 steps until 75% of the budget).
-* ``resu-random`` / ``resu-consistency``: RESU, 5 cycles, random / consistency selection.
-* ``resu-unfrozen``: RESU (random) with ``freeze_active=False, freeze_others=False``: the RESU
-  phase no longer stops the rest of the network from training.
+* ``resu-random`` / ``resu-consistency``: RESU, 5 cycles, random / consistency selection, AdamW
+  theta at 1e-3, the rest of the network training through the RESU phase (the defaults).
+* ``resu-frozen``: RESU (random) as METHOD.md states it, with actives and every other parameter
+  frozen during the RESU phase.
 
 Runs go to ``--workers`` processes (spawned; each trains one run at a time from a shared queue), so
 many small trainings share one GPU. Usage (GPU machine; the data folder holds ``fashion-mnist/``
@@ -61,21 +62,19 @@ from resu_compile.method.pruning import prune_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
+_RESU = {"method": "resu", "cycles": 5, "theta_optimizer": "adamw", "theta_lr": 1e-3}
+_UNFROZEN = {"freeze_active": False, "freeze_others": False}
 #: Benchmark label -> ``resu.compile`` options (besides sparsity, total_steps, seed, compiler).
 METHODS: dict[str, dict[str, Any]] = {
     "dense": {"method": "dense"},
     "oneshot": {"method": "oneshot", "cycles": 1},
     "gmp": {"method": "gmp", "cycles": 5},
     "rigl": {"method": "rigl"},
-    "resu-random": {"method": "resu", "selection": "random", "cycles": 5},
-    "resu-consistency": {"method": "resu", "selection": "consistency", "cycles": 5},
-    # The RESU phase without freezing: actives and the rest keep training while theta trains.
-    "resu-unfrozen": {
-        "method": "resu",
-        "freeze_active": False,
-        "freeze_others": False,
-        "cycles": 5,
-    },
+    # RESU's options are spelled out, so a label means the same thing whatever the defaults.
+    "resu-random": {**_RESU, "selection": "random", **_UNFROZEN},
+    "resu-consistency": {**_RESU, "selection": "consistency", **_UNFROZEN},
+    # METHOD.md's RESU phase: actives and every other parameter frozen while theta trains.
+    "resu-frozen": {**_RESU, "selection": "random", "freeze_active": True, "freeze_others": True},
 }
 #: The dense run's final weights pruned by magnitude, evaluated with no further training.
 NO_RECOVERY = "pruned-no-recovery"

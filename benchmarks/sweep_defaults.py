@@ -6,6 +6,8 @@ order, step budget, AdamW and learning-rate schedule for the active weights):
 1. theta-optimizer x theta learning rate, with random selection at alpha = 0.2;
 2. selective mode and alpha, with the theta-optimizer and rate given by ``--theta``.
 
+Every variant runs METHOD.md's frozen RESU phase, so only theta's own rules differ.
+
 Usage (GPU machine):
 
     python -m benchmarks.sweep_defaults --task fmnist-mlp --sparsity 0.9 --seeds 0,1 \
@@ -51,6 +53,11 @@ SELECTIONS = (
 )
 
 
+#: Held fixed in every variant: METHOD.md's frozen RESU phase (the default when the recorded sweep
+#: ran), so the sweep isolates what theta does.
+_BASE = {"method": "resu", "freeze_active": True, "freeze_others": True}
+
+
 def _label(options: dict[str, Any]) -> str:
     return " ".join(f"{key}={value}" for key, value in options.items())
 
@@ -61,11 +68,11 @@ def variants(theta: tuple[str, float]) -> list[tuple[str, dict[str, Any]]]:
     for rule, rates in THETA_RATES.items():
         for rate in rates:
             options = {"theta_optimizer": rule, "theta_lr": rate, **SELECTIONS[1]}
-            out[_label(options)] = {"method": "resu", **options}
+            out[_label(options)] = {**_BASE, **options}
     rule, rate = theta
     for selection in SELECTIONS:
         options = {"theta_optimizer": rule, "theta_lr": rate, **selection}
-        out.setdefault(_label(options), {"method": "resu", **options})
+        out.setdefault(_label(options), {**_BASE, **options})
     return list(out.items())
 
 

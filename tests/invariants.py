@@ -34,23 +34,25 @@ def assert_resu_invariants(
     active_at_entry: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
 ) -> None:
-    """RESU phase: pruned coordinates outside S are 0; ``W[A]`` unchanged bit for bit with
-    ``freeze_active`` (else the user's optimizer trains the actives and its state stays 0 on P:
-    theta's state then lives in buffers of its own)."""
+    """RESU phase: pruned coordinates outside S are 0 in W and (theta's moments living on S of the
+    optimizer's slots) in every optimizer state tensor; ``W[A]`` unchanged bit for bit with
+    ``freeze_active``. The consistency mode keeps its statistics on all of P, so only W is
+    checked there."""
+    config = controller.config
     for weight in controller.state:
         mask, selection = weight.mask(), weight.selection()
         values = weight.param.detach()
-        if controller.config.freeze_active:
+        if config.freeze_active:
             assert torch.equal(values[mask], active_at_entry[weight.name]), (
                 f"{weight.name}: W[A] changed"
             )
-        else:
-            for state in weight_shaped_state(optimizer, weight.param):
-                assert torch.count_nonzero(state[~mask]) == 0, (
-                    f"{weight.name}: user optimizer state != 0 on P"
-                )
         outside = ~mask & ~selection
         assert torch.count_nonzero(values[outside]) == 0, f"{weight.name}: W[P \\ S] != 0"
+        if config.selection != "consistency":
+            for state in weight_shaped_state(optimizer, weight.param):
+                assert torch.count_nonzero(state[outside]) == 0, (
+                    f"{weight.name}: optimizer state != 0 on P \\ S"
+                )
 
 
 class CheckedStepper:

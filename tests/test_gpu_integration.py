@@ -90,7 +90,7 @@ METHOD_OPTIONS = {
     "topk_refresh": {"selection": "topk", "refresh": 2},
     "consistency_adamw": {"selection": "consistency"},
     "consistency_sgd": {"selection": "consistency", "theta_optimizer": "sgd"},
-    "train_actives": {"freeze_active": False},
+    "frozen": {"freeze_active": True, "freeze_others": True},
     "gradient_amnesty_carry": {"amnesty_score": "gradient", "carry_theta_state": True},
 }
 

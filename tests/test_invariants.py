@@ -67,7 +67,15 @@ def test_invariants_hold_after_every_step(
 def test_resu_phase_moves_only_selected_theta_and_freezes_everything_else() -> None:
     entry = ZOO_BY_NAME["mlp"]
     model = entry.build()
-    compiled = resu.compile(model, sparsity=0.5, manual=True, theta_lr=0.1, compiler="aot_eager")
+    compiled = resu.compile(
+        model,
+        sparsity=0.5,
+        manual=True,
+        theta_lr=0.1,
+        compiler="aot_eager",
+        freeze_active=True,
+        freeze_others=True,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     compiled(*entry.make_batch(0))
     compiled.resu.prune()

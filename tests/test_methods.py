@@ -187,7 +187,7 @@ def test_topk_refresh_reselects_and_zeroes_what_leaves() -> None:
 
 def test_consistency_updates_only_the_selected_subset_by_c_times_g() -> None:
     compiled, optimizer = _enter_resu_by_hand(
-        selection="consistency", theta_optimizer="sgd", theta_lr=0.5, alpha=0.2
+        selection="consistency", theta_optimizer="sgd", theta_lr=0.5, alpha=0.2, freeze_active=True
     )
     _backward(compiled, optimizer, 1)
     before = {w.name: w.param.detach().clone() for w in compiled.resu.state}

@@ -123,6 +123,16 @@ def _adam_math(
 
 
 @triton.jit
+def _store_active(ptr, offs, inb, active, value, KEEP_PRUNED: tl.constexpr):
+    """Store ``value`` on active coordinates; pruned ones get 0, or keep their bits."""
+    if KEEP_PRUNED:
+        old = tl.load(ptr + offs, mask=inb)
+        tl.store(ptr + offs, tl.where(active, value.to(old.dtype), old), mask=inb)
+    else:
+        tl.store(ptr + offs, tl.where(active, value, 0.0).to(ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
 def _sgd_block(
     param_ptr,
     grad_ptr,
@@ -140,6 +150,7 @@ def _sgd_block(
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     FIRST_STEP: tl.constexpr,
+    KEEP_PRUNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
@@ -159,11 +170,10 @@ def _sgd_block(
         else:
             buf = tl.load(buf_ptr + offs, mask=inb).to(tl.float32)
             buf = buf * momentum + one_minus_damp * g
-        out_buf = tl.where(active, buf, 0.0)
-        tl.store(buf_ptr + offs, out_buf.to(buf_ptr.dtype.element_ty), mask=inb)
+        _store_active(buf_ptr, offs, inb, active, buf, KEEP_PRUNED)
         g = g + momentum * buf if NESTEROV else buf
     p = p - lr * g
-    tl.store(param_ptr + offs, tl.where(active, p, 0.0).to(param_ptr.dtype.element_ty), mask=inb)
+    _store_active(param_ptr, offs, inb, active, p, KEEP_PRUNED)
 
 
 @triton.jit
@@ -187,6 +197,7 @@ def _adam_block(
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    KEEP_PRUNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
@@ -216,9 +227,9 @@ def _adam_block(
         HAS_WD,
         DECOUPLED,
     )
-    tl.store(param_ptr + offs, tl.where(active, p, 0.0).to(param_ptr.dtype.element_ty), mask=inb)
-    tl.store(m_ptr + offs, tl.where(active, m, 0.0).to(m_ptr.dtype.element_ty), mask=inb)
-    tl.store(v_ptr + offs, tl.where(active, v, 0.0).to(v_ptr.dtype.element_ty), mask=inb)
+    _store_active(param_ptr, offs, inb, active, p, KEEP_PRUNED)
+    _store_active(m_ptr, offs, inb, active, m, KEEP_PRUNED)
+    _store_active(v_ptr, offs, inb, active, v, KEEP_PRUNED)
 
 
 @triton.jit
@@ -306,6 +317,7 @@ def _masked_sgd_kernel(
     MAXIMIZE: tl.constexpr,
     FIRST_STEP: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    KEEP_PRUNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
@@ -331,6 +343,7 @@ def _masked_sgd_kernel(
         NESTEROV,
         MAXIMIZE,
         FIRST_STEP,
+        KEEP_PRUNED,
         BLOCK,
         VEC,
     )
@@ -358,6 +371,7 @@ def _masked_adam_kernel(
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    KEEP_PRUNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
@@ -386,6 +400,7 @@ def _masked_adam_kernel(
         HAS_WD,
         DECOUPLED,
         MAXIMIZE,
+        KEEP_PRUNED,
         BLOCK,
         VEC,
     )
@@ -495,6 +510,7 @@ def _masked_sgd_multi_kernel(
     MAXIMIZE: tl.constexpr,
     FIRST_STEP: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    KEEP_PRUNED: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
@@ -532,6 +548,7 @@ def _masked_sgd_multi_kernel(
         NESTEROV,
         MAXIMIZE,
         FIRST_STEP,
+        KEEP_PRUNED,
         BLOCK,
         VEC,
     )
@@ -559,6 +576,7 @@ def _masked_adam_multi_kernel(
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    KEEP_PRUNED: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
@@ -595,6 +613,7 @@ def _masked_adam_multi_kernel(
         HAS_WD,
         DECOUPLED,
         MAXIMIZE,
+        KEEP_PRUNED,
         BLOCK,
         VEC,
     )
@@ -859,6 +878,7 @@ def fused_masked_sgd_(
     maximize: bool,
     first_step: bool,
     found_inf: torch.Tensor | None = None,
+    keep_pruned: bool = False,
 ) -> None:
     """Triton twin of :func:`reference.masked_sgd_` (same arguments and semantics; ``found_inf``
     is read on the device, as in the module docstring)."""
@@ -891,6 +911,7 @@ def fused_masked_sgd_(
         MAXIMIZE=bool(maximize),
         FIRST_STEP=bool(first_step),
         HAS_FOUND_INF=found_inf is not None,
+        KEEP_PRUNED=bool(keep_pruned),
         BLOCK=block,
         VEC=vec,
         num_warps=num_warps,
@@ -913,6 +934,7 @@ def fused_masked_adam_(
     decoupled_weight_decay: bool,
     maximize: bool,
     found_inf: torch.Tensor | None = None,
+    keep_pruned: bool = False,
 ) -> None:
     """Triton twin of :func:`reference.masked_adam_` (same arguments and semantics; ``found_inf``
     is read on the device, as in the module docstring)."""
@@ -946,6 +968,7 @@ def fused_masked_adam_(
         DECOUPLED=bool(decoupled_weight_decay),
         MAXIMIZE=bool(maximize),
         HAS_FOUND_INF=found_inf is not None,
+        KEEP_PRUNED=bool(keep_pruned),
         BLOCK=block,
         VEC=vec,
         num_warps=num_warps,
@@ -1028,6 +1051,7 @@ def fused_masked_sgd_multi_(
     maximize: bool,
     first_step: bool,
     found_inf: torch.Tensor | None = None,
+    keep_pruned: bool = False,
 ) -> None:
     """:func:`fused_masked_sgd_` on every ``(params[i], grads[i], ...)`` in one launch.
 
@@ -1068,6 +1092,7 @@ def fused_masked_sgd_multi_(
         MAXIMIZE=bool(maximize),
         FIRST_STEP=bool(first_step),
         HAS_FOUND_INF=found_inf is not None,
+        KEEP_PRUNED=bool(keep_pruned),
         ALIGNED=launch.aligned,
         BLOCK=launch.block,
         VEC=launch.vec,
@@ -1091,6 +1116,7 @@ def fused_masked_adam_multi_(
     decoupled_weight_decay: bool,
     maximize: bool,
     found_inf: torch.Tensor | None = None,
+    keep_pruned: bool = False,
 ) -> None:
     """:func:`fused_masked_adam_` on every ``(params[i], grads[i], ...)`` in one launch (lists as in
     :func:`fused_masked_sgd_multi_`)."""
@@ -1126,6 +1152,7 @@ def fused_masked_adam_multi_(
         DECOUPLED=bool(decoupled_weight_decay),
         MAXIMIZE=bool(maximize),
         HAS_FOUND_INF=found_inf is not None,
+        KEEP_PRUNED=bool(keep_pruned),
         ALIGNED=launch.aligned,
         BLOCK=launch.block,
         VEC=launch.vec,

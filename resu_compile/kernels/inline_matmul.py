@@ -19,16 +19,26 @@ tile in registers from a tile of ``W``, a tile of ``Theta`` and the packed mask 
 one dtype, as ``F.linear`` requires). fp32 products use TF32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` says so, as cuBLAS does.
 
-Each kernel computes its accumulator with the ``W_eff`` tile as the left operand (``Y^T`` for the
-forward, ``dX^T`` for the input gradient): on Hopper the left operand of ``wgmma`` may come from
-registers, which is where the tile is built, while the right one is read from shared memory as the
-loads left it. Programs are ordered in groups along the weight dimension (Triton's matmul tutorial)
-so consecutive programs reuse the same ``W`` / ``Theta`` / activation tiles from L2.
+Every ``W_eff`` tile is built in the weight's own row-major orientation (``[out rows, in cols]``).
+The forward computes ``Y^T = W_eff @ X^T``, so the built tile is the left operand of the dot, which
+on Hopper ``wgmma`` may take from registers where the tile already is; the input gradient computes
+``dX = dY @ W_eff`` with the tile as the right operand, untransposed. Both orientations were timed
+against the alternatives on an H100 (bf16, 8192x4096x4096) and won. Programs are ordered in groups
+(Triton's matmul tutorial) so consecutive programs reuse the same tiles from L2.
 
 Mask bits are read one of two ways. When ``in % 8 == 0`` every weight row starts on a byte, so a
-``[rows, BLOCK // 8]`` tile of bytes is loaded and expanded with shifts and a reshape (one byte load
-per 8 weights, "byte tiles"); otherwise each element loads its own byte (a gather that hits L1 eight
-times per byte). :data:`BYTE_TILES` turns the first off (the benchmark times both).
+``[rows, BLOCK // 8]`` tile of bytes is loaded (one byte load per 8 weights, "byte tiles") and
+expanded to ``[rows, BLOCK]`` by three rounds of ``tl.interleave``, which Triton lowers within each
+thread's registers (on the H100 that ran at 1.3x the speed of a 3-D broadcast + ``tl.reshape``,
+which goes through shared memory, and at 8-10x that of a per-element byte gather). Otherwise each
+element loads its own byte (the gather: correct for any shape, slow; real layers have
+``in % 8 == 0``). :data:`BYTE_TILES` turns the first off (for debugging and timing).
+
+Measured on an H100 (bf16, 8192x4096x4096, 50% mask): plain Triton with this structure ~620-660
+TFLOP/s, a ``where`` of two loaded tiles without any mask ~520, with the mask bits ~400 for the
+forward; cuBLAS ~800. So the inline kernels trade speed for memory: they are the choice where the
+weight-sized ``W_eff`` temporary does not fit, and the in-place storage (plain cuBLAS) stays the
+fast path (DESIGN.md). ``benchmarks/kernels.py --only inline`` measures the trade on a given GPU.
 
 The pure-PyTorch :func:`inline_linear_reference` materializes ``W_eff`` with ``unpack_bits`` and calls
 ``F.linear``: it is the test oracle and the CPU path. :func:`inline_linear` dispatches: CUDA tensors,
@@ -59,22 +69,50 @@ _GROUP = 8  # programs per group along the weight dimension (L2 reuse, as in the
 
 
 def _configs() -> list[triton.Config]:
-    """Tile configs: ``BLOCK_A`` x ``BLOCK_B`` accumulator (``A`` the ``W_eff`` side), ``BLOCK_R``
-    the reduction step. A few Hopper-sized candidates on the GPU; one small tile in the
-    interpreter, small enough that the odd test shapes still span several programs and steps."""
+    """Tile configs: ``BLOCK_A`` x ``BLOCK_B`` accumulator, ``BLOCK_R`` the reduction step.
+
+    On the GPU, Hopper-sized candidates; building ``W_eff`` in registers favours 256-wide tiles
+    (256x128x64 with 8 warps was the fastest for both the forward and the input gradient on the
+    H100, 1.3-1.6x the 128x128 tiles). :func:`_prune` drops what does not fit a call. In the
+    interpreter one small tile, small enough that the odd test shapes span several programs and
+    reduction steps, and no tuning (the interpreter is slow).
+    """
     if _INTERPRET:
         return [triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_R": 16}, num_warps=1)]
     shapes = [
+        (256, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 3),
         (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
+        # fp32 operands: smaller tiles (4-byte elements; ``ieee`` products run on FMA units).
+        (64, 64, 32, 4, 3),
     ]
     return [
         triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_R": r}, num_warps=w, num_stages=s)
         for a, b, r, w, s in shapes
     ]
+
+
+def _prune(dim_a: str, dim_b: str, operand: str):
+    """``early_config_prune`` for a kernel whose accumulator spans ``dim_a`` x ``dim_b``.
+
+    fp32 operands keep the 32-wide-reduction config only (the 16-bit tiles overflow shared memory,
+    and full-precision fp32 products are FMA work where large tiles only lengthen compiles); 16-bit
+    operands drop it, and drop tiles wider than the problem (next power of two) so small layers tune
+    among tiles that fit, keeping at least the smallest.
+    """
+
+    def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+        fp32 = nargs[operand].dtype == torch.float32
+        picked = [c for c in configs if (c.kwargs["BLOCK_R"] == 32) == fp32]
+        size_a = triton.next_power_of_2(nargs[dim_a])
+        size_b = triton.next_power_of_2(nargs[dim_b])
+        fit = [c for c in picked if c.kwargs["BLOCK_A"] <= size_a and c.kwargs["BLOCK_B"] <= size_b]
+        smallest = min(picked, key=lambda c: c.kwargs["BLOCK_A"] * c.kwargs["BLOCK_B"])
+        return fit or [smallest]
+
+    return prune
 
 
 @triton.jit
@@ -97,42 +135,40 @@ def _mask_tile(
     k0,
     N,
     K,
-    N_MAJOR: tl.constexpr,
     BYTE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Mask bits of weight rows ``offs_n`` x columns ``k0 .. k0 + BLOCK_K`` as booleans, shaped
-    ``[BLOCK_N, BLOCK_K]`` (``N_MAJOR``) or ``[BLOCK_K, BLOCK_N]``; out-of-bounds elements are False.
+    """Mask bits of weight rows ``offs_n`` x columns ``k0 .. k0 + BLOCK_K`` as a boolean
+    ``[BLOCK_N, BLOCK_K]`` tile; out-of-bounds elements are False.
 
     ``BYTE_TILE`` needs ``K % 8 == 0`` and ``k0 % 8 == 0``: then the ``BLOCK_K`` columns of a row
-    are exactly bytes ``(n * K + k0) / 8 + j``, ``j < BLOCK_K / 8``, and bit ``b`` of byte ``j`` is
-    column ``8 j + b``, which a row-major reshape of ``[.., BLOCK_K / 8, 8]`` produces.
+    are exactly bytes ``(n * K + k0) / 8 + j``, ``j < BLOCK_K / 8``, column ``8 j + b`` being bit
+    ``b`` of byte ``j``. ``interleave(x, y)`` puts ``x[i]`` at ``2 i`` and ``y[i]`` at ``2 i + 1``,
+    so three rounds split the column's bit index ``b = 4 b2 + 2 b1 + b0`` from its lowest bit up:
+    the last round by ``b0``, the one before by ``b1``, the first pairs bit planes ``b`` and
+    ``b + 4``.
     """
     if BYTE_TILE:
         kb = K // 8
         offs_kb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        shifts = tl.arange(0, 8)
-        if N_MAJOR:
-            ok = (offs_n[:, None] < N) & (offs_kb[None, :] < kb)
-            byte = tl.load(bits_ptr + offs_n[:, None] * kb + offs_kb[None, :], mask=ok, other=0)
-            bits3 = (byte.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 1
-            bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
-        else:
-            ok = (offs_kb[:, None] < kb) & (offs_n[None, :] < N)
-            byte = tl.load(bits_ptr + offs_n[None, :] * kb + offs_kb[:, None], mask=ok, other=0)
-            bits3 = (byte.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & 1
-            bits = tl.reshape(bits3, (BLOCK_K, BLOCK_N))
+        ok = (offs_n[:, None] < N) & (offs_kb[None, :] < kb)
+        byte = tl.load(bits_ptr + offs_n[:, None] * kb + offs_kb[None, :], mask=ok, other=0)
+        byte = byte.to(tl.int32)
+        e0 = tl.interleave(
+            tl.interleave(byte & 1, (byte >> 4) & 1),
+            tl.interleave((byte >> 2) & 1, (byte >> 6) & 1),
+        )
+        e1 = tl.interleave(
+            tl.interleave((byte >> 1) & 1, (byte >> 5) & 1),
+            tl.interleave((byte >> 3) & 1, (byte >> 7) & 1),
+        )
+        bits = tl.interleave(e0, e1)
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if N_MAJOR:
-            n2 = offs_n[:, None]
-            k2 = offs_k[None, :]
-        else:
-            n2 = offs_n[None, :]
-            k2 = offs_k[:, None]
-        flat = n2 * K + k2
-        byte = tl.load(bits_ptr + (flat >> 3), mask=(n2 < N) & (k2 < K), other=0)
+        flat = offs_n[:, None] * K + offs_k[None, :]
+        ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        byte = tl.load(bits_ptr + (flat >> 3), mask=ok, other=0)
         bits = (byte.to(tl.int32) >> (flat & 7)) & 1
     return bits != 0
 
@@ -150,27 +186,29 @@ def _w_eff_tile(
     stride_wk,
     stride_tn,
     stride_tk,
-    N_MAJOR: tl.constexpr,
     BYTE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``where(M, W, Theta)`` on rows ``offs_n`` x columns ``k0 ..``, in registers; 0 out of bounds."""
+    """``where(M, W, Theta)`` on rows ``offs_n`` x columns ``k0 ..`` (``[BLOCK_N, BLOCK_K]``), in
+    registers; 0 out of bounds."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    if N_MAJOR:
-        n2 = offs_n[:, None]
-        k2 = offs_k[None, :]
-    else:
-        n2 = offs_n[None, :]
-        k2 = offs_k[:, None]
-    ok = (n2 < N) & (k2 < K)
-    w = tl.load(w_ptr + n2 * stride_wn + k2 * stride_wk, mask=ok, other=0.0)
-    t = tl.load(theta_ptr + n2 * stride_tn + k2 * stride_tk, mask=ok, other=0.0)
-    bits = _mask_tile(bits_ptr, offs_n, k0, N, K, N_MAJOR, BYTE_TILE, BLOCK_N, BLOCK_K)
+    ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(
+        w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=ok, other=0.0
+    )
+    t = tl.load(
+        theta_ptr + offs_n[:, None] * stride_tn + offs_k[None, :] * stride_tk, mask=ok, other=0.0
+    )
+    bits = _mask_tile(bits_ptr, offs_n, k0, N, K, BYTE_TILE, BLOCK_N, BLOCK_K)
     return tl.where(bits, w, t)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "BYTE_TILE", "HAS_BIAS"])
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "N", "K", "BYTE_TILE", "HAS_BIAS", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune("N", "M", "x_ptr")},
+)
 @triton.jit
 def _forward_kernel(
     x_ptr,
@@ -198,13 +236,14 @@ def _forward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """``Y^T[n, m] = sum_k W_eff[n, k] X[m, k]`` (+ ``bias[n]``): A = out features, B = tokens."""
+    """``Y^T[n, m] = sum_k W_eff[n, k] X[m, k]`` (+ ``bias[n]``): A = out features, B = tokens,
+    R = in features."""
     pid_n, pid_m = _grouped_pids(tl.program_id(0), tl.cdiv(N, BLOCK_A), tl.cdiv(M, BLOCK_B), GROUP)
     offs_n = pid_n * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_m = (pid_m * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_R):
-        a = _w_eff_tile(
+        w_eff = _w_eff_tile(
             w_ptr,
             theta_ptr,
             bits_ptr,
@@ -216,7 +255,6 @@ def _forward_kernel(
             stride_wk,
             stride_tn,
             stride_tk,
-            True,
             BYTE_TILE,
             BLOCK_A,
             BLOCK_R,
@@ -227,7 +265,7 @@ def _forward_kernel(
             mask=(offs_k[:, None] < K) & (offs_m[None, :] < M),
             other=0.0,
         )
-        acc = tl.dot(a, xt, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(w_eff, xt, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[:, None]
@@ -238,7 +276,11 @@ def _forward_kernel(
     )
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "BYTE_TILE"])
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "N", "K", "BYTE_TILE", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune("M", "K", "dy_ptr")},
+)
 @triton.jit
 def _grad_input_kernel(
     dy_ptr,
@@ -264,15 +306,20 @@ def _grad_input_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """``dX^T[k, m] = sum_n W_eff[n, k] dY[m, n]``: A = in features, B = tokens, R = out."""
-    pid_k, pid_m = _grouped_pids(tl.program_id(0), tl.cdiv(K, BLOCK_A), tl.cdiv(M, BLOCK_B), GROUP)
-    k0 = pid_k * BLOCK_A
-    offs_k = k0 + tl.arange(0, BLOCK_A)
-    offs_m = (pid_m * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    """``dX[m, k] = sum_n dY[m, n] W_eff[n, k]``: A = tokens, B = in features, R = out features."""
+    pid_m, pid_k = _grouped_pids(tl.program_id(0), tl.cdiv(M, BLOCK_A), tl.cdiv(K, BLOCK_B), GROUP)
+    offs_m = (pid_m * BLOCK_A + tl.arange(0, BLOCK_A)).to(tl.int64)
+    k0 = pid_k * BLOCK_B
+    offs_k = k0 + tl.arange(0, BLOCK_B)
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_R):
         offs_n = n0 + tl.arange(0, BLOCK_R)
-        a = _w_eff_tile(
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+            other=0.0,
+        )
+        w_eff = _w_eff_tile(
             w_ptr,
             theta_ptr,
             bits_ptr,
@@ -284,25 +331,23 @@ def _grad_input_kernel(
             stride_wk,
             stride_tn,
             stride_tk,
-            False,
             BYTE_TILE,
             BLOCK_R,
-            BLOCK_A,
+            BLOCK_B,
         )
-        dyt = tl.load(
-            dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
-            mask=(offs_n[:, None] < N) & (offs_m[None, :] < M),
-            other=0.0,
-        )
-        acc = tl.dot(a, dyt, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(dy, w_eff, acc, input_precision=INPUT_PRECISION)
     tl.store(
-        dx_ptr + offs_m[None, :] * stride_dxm + offs_k[:, None] * stride_dxk,
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
         acc.to(dx_ptr.dtype.element_ty),
-        mask=(offs_k[:, None] < K) & (offs_m[None, :] < M),
+        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
     )
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "BYTE_TILE", "WRITE_W", "WRITE_THETA"])
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "N", "K", "BYTE_TILE", "WRITE_W", "WRITE_THETA", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune("N", "K", "x_ptr")},
+)
 @triton.jit
 def _grad_weight_kernel(
     dy_ptr,
@@ -327,7 +372,7 @@ def _grad_weight_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """``G[n, k] = sum_m dY[m, n] X[m, k]``, stored as ``M * G`` and ``(1 - M) * G`` (both
-    contiguous ``(N, K)``): A = out, B = in, R = tokens."""
+    contiguous ``(N, K)``): A = out features, B = in features, R = tokens."""
     pid_n, pid_k = _grouped_pids(tl.program_id(0), tl.cdiv(N, BLOCK_A), tl.cdiv(K, BLOCK_B), GROUP)
     offs_n = pid_n * BLOCK_A + tl.arange(0, BLOCK_A)
     k0 = pid_k * BLOCK_B
@@ -346,7 +391,7 @@ def _grad_weight_kernel(
             other=0.0,
         )
         acc = tl.dot(dyt, x, acc, input_precision=INPUT_PRECISION)
-    bits = _mask_tile(bits_ptr, offs_n, k0, N, K, True, BYTE_TILE, BLOCK_A, BLOCK_B)
+    bits = _mask_tile(bits_ptr, offs_n, k0, N, K, BYTE_TILE, BLOCK_A, BLOCK_B)
     ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     offs = offs_n[:, None] * K + offs_k[None, :]
     if WRITE_W:
@@ -451,12 +496,17 @@ def inline_linear_grad_input(
     """Triton ``dX = dY @ where(M, W, Theta)`` for a 2-D ``grad_out`` (tokens, out)."""
     _check(weight, mask_bits, theta)
     (m, n), k = grad_out.shape, weight.shape[1]
+    if n != weight.shape[0] or grad_out.dtype != weight.dtype:
+        raise ValueError(
+            f"inline_linear: grad_out {tuple(grad_out.shape)} {grad_out.dtype} does not match "
+            f"weight {tuple(weight.shape)} {weight.dtype}"
+        )
     dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
     if m == 0 or k == 0:
         return dx
     if n == 0:
         return dx.zero_()
-    _grad_input_kernel[_grid(k, m)](
+    _grad_input_kernel[_grid(m, k)](
         grad_out,
         weight,
         theta,
@@ -496,8 +546,11 @@ def inline_linear_grad_weight(
     skipped (``None``) when its tensor needs no gradient.
     """
     (m, n), k = grad_out.shape, x.shape[1]
-    if x.shape[0] != m:
-        raise ValueError(f"inline_linear: grad_out has {m} rows, x {x.shape[0]}")
+    if x.shape[0] != m or x.dtype != grad_out.dtype:
+        raise ValueError(
+            f"inline_linear: grad_out {tuple(grad_out.shape)} {grad_out.dtype} does not match "
+            f"x {tuple(x.shape)} {x.dtype}"
+        )
     if mask_bits.dtype != torch.uint8 or mask_bits.numel() != packed_numel(n * k):
         raise ValueError(f"inline_linear: mask_bits must be {packed_numel(n * k)} uint8 values")
     dtype = weight_dtype or grad_out.dtype

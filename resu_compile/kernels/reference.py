@@ -32,12 +32,18 @@ def _work(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _write_back(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]], active: torch.Tensor | None
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    active: torch.Tensor | None,
+    kept: list[torch.Tensor] | None = None,
 ) -> None:
-    """Zero the pruned coordinates of each work tensor, then store it into its destination."""
-    for dst, work in pairs:
+    """Zero the pruned coordinates of each work tensor (or, with ``kept``, restore them from those
+    copies of the destinations taken before the update), then store it into its destination."""
+    for i, (dst, work) in enumerate(pairs):
         if active is not None:
-            work.masked_fill_(~active, 0.0)
+            if kept is None:
+                work.masked_fill_(~active, 0.0)
+            else:
+                work.copy_(torch.where(active, work, kept[i].to(work.dtype)))
         if work is not dst:
             dst.copy_(work)
 
@@ -65,17 +71,23 @@ def masked_sgd_(
     maximize: bool,
     first_step: bool,
     found_inf: torch.Tensor | None = None,
+    keep_pruned: bool = False,
 ) -> None:
     """One ``torch.optim.SGD`` step on the active coordinates; pruned ones end at exactly 0.
 
     ``first_step`` initialises the momentum buffer as torch does (a copy of the decayed gradient,
     dampening ignored). ``grad`` is never modified. A set ``found_inf`` skips the step.
+    ``keep_pruned`` leaves the pruned coordinates of the parameter and the buffer as they were
+    (the RESU phase with trainable actives: theta and its moments live there).
     """
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("masked_sgd_: momentum != 0 needs a momentum_buffer")
     if _skip(found_inf):
         return
     active = _active_mask(mask_bits, param)
+    kept = [param.clone()] if keep_pruned else None
+    if kept is not None and momentum_buffer is not None:
+        kept.append(momentum_buffer.clone())
     p = _work(param)
     g = _work(grad)
     if maximize:
@@ -93,7 +105,7 @@ def masked_sgd_(
         g = g.add(buf, alpha=momentum) if nesterov else buf
         pairs.append((momentum_buffer, buf))
     p.add_(g, alpha=-lr)
-    _write_back(pairs, active)
+    _write_back(pairs, active, kept)
 
 
 def _adam_math_(
@@ -142,16 +154,18 @@ def masked_adam_(
     decoupled_weight_decay: bool,
     maximize: bool,
     found_inf: torch.Tensor | None = None,
+    keep_pruned: bool = False,
 ) -> None:
     """One ``torch.optim.Adam`` (or, decoupled, ``AdamW``) step on the active coordinates.
 
     ``step`` counts steps after the increment (1 on the first step), as torch.optim stores it.
-    Pruned coordinates of the parameter and of both moments end at exactly 0. A set ``found_inf``
-    skips the step.
+    Pruned coordinates of the parameter and of both moments end at exactly 0, or with
+    ``keep_pruned`` stay as they were. A set ``found_inf`` skips the step.
     """
     if _skip(found_inf):
         return
     active = _active_mask(mask_bits, param)
+    kept = [t.clone() for t in (param, exp_avg, exp_avg_sq)] if keep_pruned else None
     p, m, v = _work(param), _work(exp_avg), _work(exp_avg_sq)
     g = _work(grad)
     if maximize:
@@ -169,7 +183,7 @@ def masked_adam_(
         weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_weight_decay,
     )
-    _write_back([(param, p), (exp_avg, m), (exp_avg_sq, v)], active)
+    _write_back([(param, p), (exp_avg, m), (exp_avg_sq, v)], active, kept)
 
 
 def theta_update_(

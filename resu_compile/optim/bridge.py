@@ -48,6 +48,7 @@ class OptimizerBridge:
         self._host_steps = HostSteps()
         self._masked_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._plans: dict[int, str | None] = {}
+        self._theta_copies: dict[int, torch.Tensor] = {}
         self._resu_phase = ResuPhaseStep(controller)
 
     @property
@@ -152,6 +153,14 @@ class OptimizerBridge:
             for weight in weights:
                 self._take_grad(weight.param)
             return
+        # With trainable actives, a weight whose optimizer re-masks (the fallback) would lose its
+        # theta: keep a copy, and its theta state in buffers of its own.
+        self._theta_copies = {
+            id(w.param): w.param.detach().clone()
+            for w in weights
+            if in_resu and plans.get(id(w)) == "fallback"
+        }
+        self._resu_phase.private_slots = set(self._theta_copies)
         for weight in weights:
             plan = plans.get(id(weight))
             grad = weight.param.grad
@@ -226,15 +235,18 @@ class OptimizerBridge:
             self._remask_fallback(optimizer)
             return
         if self._plans:  # freeze_active=False: actives step as in a sparse phase, theta kept
-            theta = [w.param.detach().clone() for w, _ in taken]
-            self._masked_update(optimizer, kernel)
+            self._masked_update(optimizer, kernel, keep_pruned=True)
             self._remask_fallback(optimizer)
-            for (weight, _), values in zip(taken, theta, strict=True):
+            for weight in self._fallback:
+                values = self._theta_copies[id(weight.param)]
                 weight.param.copy_(torch.where(weight.mask(), weight.param, values))
         self._resu_phase.step(optimizer, taken, self._found_inf)
 
     def _masked_update(
-        self, optimizer: torch.optim.Optimizer, taken: list[tuple[ManagedWeight, torch.Tensor]]
+        self,
+        optimizer: torch.optim.Optimizer,
+        taken: list[tuple[ManagedWeight, torch.Tensor]],
+        keep_pruned: bool = False,
     ) -> None:
         """One batched masked update per param group (the "kernel" plan)."""
         by_group: dict[int, list[tuple[ManagedWeight, torch.Tensor]]] = {}
@@ -249,6 +261,7 @@ class OptimizerBridge:
                 [w.mask_bits for w, _ in members],
                 self._host_steps,
                 self._found_inf,
+                keep_pruned,
             )
 
     def _remask_fallback(self, optimizer: torch.optim.Optimizer) -> None:

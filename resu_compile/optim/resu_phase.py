@@ -7,8 +7,10 @@ Where theta's state lives (memory is the product's promise, so reuse comes first
   at zero and nothing else reads while actives are frozen;
 - the consistency statistics ``m`` and ``v``: those same slots, which the theta-optimizer's moments
   then give up for buffers of their own;
-- with ``freeze_active=False`` the user's optimizer keeps stepping the actives and zeroes its
-  pruned slots every step, so everything theta needs gets buffers of its own.
+- with ``freeze_active=False`` the user's optimizer keeps stepping the actives; our masked kernels
+  then leave the pruned slots alone (``keep_pruned``), so the sharing above still holds. Only a
+  weight whose optimizer takes the re-masking fallback (which zeroes every pruned slot) gives
+  theta buffers of its own (``private_slots``).
 """
 
 from __future__ import annotations
@@ -57,16 +59,18 @@ class ResuPhaseStep:
 
     def __init__(self, controller: PhaseController) -> None:
         self._controller = controller
+        #: ``id(param)`` of weights whose theta state may not use the optimizer's slots.
+        self.private_slots: set[int] = set()
 
-    @property
-    def _shares_slots(self) -> bool:
-        return self._controller.config.freeze_active
+    def _shares_slots(self, weight: ManagedWeight) -> bool:
+        return id(weight.param) not in self.private_slots
 
     def statistics(
         self, optimizer: torch.optim.Optimizer | None, weight: ManagedWeight
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Where the consistency mode keeps ``m`` and ``v``."""
-        first, second = optimizer_slots(optimizer, weight) if self._shares_slots else (None, None)
+        shared = self._shares_slots(weight)
+        first, second = optimizer_slots(optimizer, weight) if shared else (None, None)
         return (
             first if first is not None else _buffer(weight, "consistency_m"),
             second if second is not None else _buffer(weight, "consistency_v"),
@@ -80,7 +84,7 @@ class ResuPhaseStep:
         rule = config.theta_optimizer
         if rule == "sgd":
             return None, None
-        own = self._shares_slots and config.selection != "consistency"
+        own = self._shares_slots(weight) and config.selection != "consistency"
         first, second = optimizer_slots(optimizer, weight) if own else (None, None)
         first = first if first is not None else _buffer(weight, "exp_avg")
         if rule != "adamw":
@@ -98,10 +102,10 @@ class ResuPhaseStep:
         controller = self._controller
         config = controller.config
         first_step = controller.resu_steps == 0
-        if first_step and self._shares_slots:
+        if first_step:
             # The shared slots hold 0 on P in sparse phases; make sure whatever they held is gone.
             for weight, _ in taken:
-                if weight.mask_bits is not None:
+                if weight.mask_bits is not None and self._shares_slots(weight):
                     pruned = ~weight.mask()
                     for slot in optimizer_slots(optimizer, weight):
                         if slot is not None:

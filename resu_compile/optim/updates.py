@@ -124,9 +124,11 @@ def masked_update(
     mask_bits: list[torch.Tensor | None],
     host_steps: HostSteps,
     found_inf: torch.Tensor | None = None,
+    keep_pruned: bool = False,
 ) -> None:
     """One optimizer step of ``group``'s managed ``params``: active coordinates as torch.optim
-    steps them, pruned ones exactly 0. One fused launch for all of them on CUDA where possible.
+    steps them, pruned ones exactly 0 (or, ``keep_pruned``, untouched: the RESU phase keeps theta
+    and its moments there). One fused launch for all of them on CUDA where possible.
 
     ``found_inf`` (a device flag) makes the kernels leave everything as it was; Adam's step
     counter still advances on such a step (the kernels cannot tell the host without a sync).
@@ -164,6 +166,7 @@ def masked_update(
                 },
                 first_step=flag,
                 found_inf=found_inf,
+                keep_pruned=keep_pruned,
                 **hyper,
             )
         return
@@ -201,6 +204,7 @@ def masked_update(
                 },
                 step=step,
                 found_inf=found_inf,
+                keep_pruned=keep_pruned,
                 **hyper,
             )
         return
