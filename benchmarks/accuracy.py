@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import queue
 import shlex
@@ -462,6 +463,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="evaluate only the first N held-out images / windows (smoke runs; default: all)",
     )
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/accuracy-<task>.json")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="an earlier result JSON of this task: its runs of methods not run now (and still "
+        "defined) are kept beside the new ones, e.g. to re-run only RESU after a change",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -489,13 +496,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     out = args.out or ROOT / "benchmarks" / "results" / f"accuracy-{task.name}.json"
 
+    command = shlex.join(["python", "-m", "benchmarks.accuracy", *argv])
+    kept, commands = [], [command]
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text())
+        if earlier["task"] != task.name or earlier["steps"] != task.steps:
+            raise SystemExit(
+                f"--merge: {args.merge} is not a {task.name} run of {task.steps} steps"
+            )
+        kept = [
+            r for r in earlier["runs"] if r["method"] in METHODS and r["method"] not in args.methods
+        ]
+        commands = [*earlier.get("commands", [earlier["command"]]), command]
+
     def result_of(records: Sequence[dict[str, Any] | None], partial: bool) -> dict[str, Any]:
-        done = [r for r in records if r is not None]
+        done = kept + [r for r in records if r is not None]
         return {
             "task": task.name,
             **environment(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "command": shlex.join(["python", "-m", "benchmarks.accuracy", *argv]),
+            "command": " && ".join(commands),
+            "commands": commands,
             "partial": partial,
             "steps": task.steps,
             "batch_size": task.batch_size,
@@ -514,7 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workers": workers,
             "max_eval": args.max_eval,
             "schedule_fraction": SCHEDULE_FRACTION,
-            "methods": {m: METHODS[m] for m in args.methods},
+            "methods": {
+                m: METHODS[m] for m in dict.fromkeys(r["method"] for r in done) if m in METHODS
+            },
             "wall_seconds": time.perf_counter() - start,
             "runs": [r for r in done if "error" not in r],
             "errors": [r for r in done if "error" in r],
@@ -534,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_record=lambda so_far: write_json(out, result_of(so_far, partial=True)),
     )
     result = result_of(records, partial=False)
+    records = result["runs"] + result["errors"]
     write_json(out, result)
     errors, summary = result["errors"], result["summary"]
     for error in errors:
