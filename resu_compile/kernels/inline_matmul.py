@@ -34,11 +34,13 @@ which goes through shared memory, and at 8-10x that of a per-element byte gather
 element loads its own byte (the gather: correct for any shape, slow; real layers have
 ``in % 8 == 0``). :data:`BYTE_TILES` turns the first off (for debugging and timing).
 
-Measured on an H100 (bf16, 8192x4096x4096, 50% mask): plain Triton with this structure ~620-660
-TFLOP/s, a ``where`` of two loaded tiles without any mask ~520, with the mask bits ~400 for the
-forward; cuBLAS ~800. So the inline kernels trade speed for memory: they are the choice where the
-weight-sized ``W_eff`` temporary does not fit, and the in-place storage (plain cuBLAS) stays the
-fast path (DESIGN.md). ``benchmarks/kernels.py --only inline`` measures the trade on a given GPU.
+Measured on an H100 (torch 2.11, Triton 3.6, bf16, 8192x4096x4096, 50% mask), forward kernels of
+this structure: plain Triton (no ``where``) ~620-660 TFLOP/s, a ``where`` of two loaded tiles
+without a mask ~520, with the mask bits ~400 (input gradient ~270); cuBLAS ~800. So the inline
+kernels trade speed for memory (no ``W_eff`` temporary: +1 weight-sized buffer, the theta gradient,
+over dense in a forward + backward, against +2 for materializing through Inductor), and the
+in-place storage (plain cuBLAS) stays the fast path (DESIGN.md). ``python -m benchmarks.kernels
+--only inline`` measures the trade on a given GPU.
 
 The pure-PyTorch :func:`inline_linear_reference` materializes ``W_eff`` with ``unpack_bits`` and calls
 ``F.linear``: it is the test oracle and the CPU path. :func:`inline_linear` dispatches: CUDA tensors,
@@ -68,20 +70,23 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GROUP = 8  # programs per group along the weight dimension (L2 reuse, as in the Triton tutorial)
 
 
-def _configs() -> list[triton.Config]:
+def _configs(wide_b: bool = True) -> list[triton.Config]:
     """Tile configs: ``BLOCK_A`` x ``BLOCK_B`` accumulator, ``BLOCK_R`` the reduction step.
 
     On the GPU, Hopper-sized candidates; building ``W_eff`` in registers favours 256-wide tiles
     (256x128x64 with 8 warps was the fastest for both the forward and the input gradient on the
-    H100, 1.3-1.6x the 128x128 tiles). :func:`_prune` drops what does not fit a call. In the
-    interpreter one small tile, small enough that the odd test shapes span several programs and
-    reduction steps, and no tuning (the interpreter is slow).
+    H100, 1.3-1.6x the 128x128 tiles). ``wide_b=False`` leaves out 128x256: in the forward (the
+    built tile as the register operand of a 256-wide ``wgmma``) Triton 3.6 compiled it to wrong
+    results on the H100, every other tile being right; ``test_every_config_gpu`` checks each config
+    of each kernel. :func:`_prune` drops what does not fit a call. In the interpreter one small
+    tile, small enough that the odd test shapes span several programs and reduction steps, and no
+    tuning (the interpreter is slow).
     """
     if _INTERPRET:
         return [triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_R": 16}, num_warps=1)]
     shapes = [
         (256, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
+        *([(128, 256, 64, 8, 3)] if wide_b else []),
         (128, 128, 64, 8, 3),
         (128, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
@@ -205,7 +210,7 @@ def _w_eff_tile(
 
 
 @triton.autotune(
-    configs=_configs(),
+    configs=_configs(wide_b=False),
     key=["M", "N", "K", "BYTE_TILE", "HAS_BIAS", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune("N", "M", "x_ptr")},
 )
