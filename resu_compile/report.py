@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 def render_report(controller: PhaseController) -> str:
-    """Managed weights, skipped candidates and per-cycle resurrection, as plain-text tables."""
+    """Managed weights, skipped candidates and the schedule's model totals, as plain-text tables."""
     managed = [
         [
             w.name,
@@ -35,27 +35,9 @@ def render_report(controller: PhaseController) -> str:
     skipped = [[s.name, "x".join(map(str, s.shape)), s.reason] for s in controller.state.skipped()]
     if skipped:
         parts += ["Skipped candidates:", tabulate(skipped, headers=["name", "shape", "reason"])]
-    commits = [e for e in controller.history if e["event"] == "commit"]
-    if commits:
-        rows = [
-            [
-                entry["cycle"],
-                entry["step"],
-                f"{entry['budget']:.3f}",
-                sum(layer["resurrected"] for layer in entry["layers"].values()),
-                f"{_mean(layer['sparsity'] for layer in entry['layers'].values()):.4f}",
-            ]
-            for entry in commits
-        ]
+    if controller.history:
         parts += [
-            "Commits:",
-            tabulate(
-                rows, headers=["cycle", "step", "budget r(c)", "resurrected", "mean sparsity"]
-            ),
+            "Schedule so far (model totals; per layer: model.resu.telemetry()):",
+            controller.telemetry(totals_only=True),
         ]
     return "\n".join(parts)
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0

@@ -20,22 +20,25 @@ OPTIMIZERS = {
 }
 
 
-# Each user optimizer once, and each theta-optimizer both with and without free state slots.
-# The last two take the "optimizer" gradient mask: our masked kernels instead of the graph mask.
+# Each user optimizer once, and each theta-optimizer both with and without free state slots, with
+# the default RESU phase (actives training); the last two cases run METHOD.md's frozen phase. The
+# "optimizer" gradient mask runs our masked kernels instead of the graph mask.
 CASES = [
-    ("adamw_wd", "adamw", "graph"),
-    ("adam_l2", "momentum", "graph"),
-    ("sgd_momentum_wd", "momentum", "graph"),
-    ("sgd_nesterov", "adamw", "graph"),
-    ("rmsprop_fallback", "sgd", "graph"),
-    ("adamw_wd", "sgd", "optimizer"),
-    ("sgd_nesterov", "momentum", "optimizer"),
+    ("adamw_wd", "adamw", "graph", False),
+    ("adam_l2", "momentum", "graph", False),
+    ("sgd_momentum_wd", "momentum", "graph", False),
+    ("sgd_nesterov", "adamw", "graph", False),
+    ("rmsprop_fallback", "sgd", "graph", False),
+    ("adamw_wd", "sgd", "optimizer", False),
+    ("sgd_nesterov", "momentum", "optimizer", False),
+    ("adamw_wd", "adamw", "optimizer", True),
+    ("rmsprop_fallback", "momentum", "graph", True),
 ]
 
 
-@pytest.mark.parametrize(("optimizer_name", "theta_optimizer", "gradient_mask"), CASES)
+@pytest.mark.parametrize(("optimizer_name", "theta_optimizer", "gradient_mask", "frozen"), CASES)
 def test_invariants_hold_after_every_step(
-    optimizer_name: str, theta_optimizer: str, gradient_mask: str
+    optimizer_name: str, theta_optimizer: str, gradient_mask: str, frozen: bool
 ) -> None:
     entry = ZOO_BY_NAME["transformer"]
     model = entry.build()
@@ -48,6 +51,8 @@ def test_invariants_hold_after_every_step(
         theta_lr=1e-2,
         compiler="aot_eager",
         gradient_mask=gradient_mask,
+        freeze_active=frozen,
+        freeze_others=frozen,
     )
     controller = compiled.resu
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
