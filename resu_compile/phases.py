@@ -456,7 +456,11 @@ class PhaseController:
             self._bridge.zero_coordinates(optimizer, weight.param, ~new)
             weight.set_mask(new, active)
             layers[weight.name] = {"dropped": count, "grown": grown, "sparsity": weight.sparsity()}
-        grown_counts = torch.stack([entry["grown"].sum() for entry in layers.values()]).tolist()
+        grown_counts = (
+            torch.stack([entry["grown"].sum() for entry in layers.values()]).tolist()
+            if layers
+            else []
+        )
         for entry, grown_count in zip(layers.values(), grown_counts, strict=True):
             entry["grown"] = grown_count
         self._record("rigl", fraction=fraction, layers=layers)
