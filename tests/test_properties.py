@@ -132,3 +132,97 @@ def test_random_runs_keep_invariants_and_counts(
     assert controller.phase is resu.Phase.DONE
     assert log == ["prune", "commit"] * cycles
     assert len(controller.state) == 3
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(3, 16), min_size=4, max_size=4),
+    sparsity=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**16),
+    selection=st.sampled_from(["random", "all", "topk", "consistency"]),
+    frozen=st.booleans(),
+    theta_optimizer=st.sampled_from(["sgd", "momentum", "adamw"]),
+    amnesty_score=st.sampled_from(["magnitude", "gradient"]),
+    optimizer_name=st.sampled_from(sorted(OPTIMIZERS)),
+)
+def test_random_resu_options_keep_invariants_and_counts(
+    widths: list[int],
+    sparsity: float,
+    seed: int,
+    selection: str,
+    frozen: bool,
+    theta_optimizer: str,
+    amnesty_score: str,
+    optimizer_name: str,
+) -> None:
+    torch._dynamo.reset()
+    model = _mlp(widths, seed)
+    compiled = resu.compile(
+        model,
+        sparsity=sparsity,
+        cycles=2,
+        steps_per_cycle=6,
+        seed=seed,
+        theta_lr=1e-2,
+        compiler="aot_eager",
+        selection=selection,
+        refresh=2 if selection == "topk" else 0,
+        freeze_active=frozen,
+        freeze_others=frozen,
+        theta_optimizer=theta_optimizer,
+        amnesty_score=amnesty_score,
+    )
+    controller = compiled.resu
+    log: list[str] = []
+    _instrument(controller, log)
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    stepper = CheckedStepper(controller, optimizer)
+    for _ in range(12):
+        x = torch.randn(6, widths[0], generator=generator)
+        loss = compiled(x).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stepper.step()
+    assert controller.phase is resu.Phase.DONE
+    assert log == ["prune", "commit"] * 2
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    widths=st.lists(st.integers(3, 16), min_size=4, max_size=4),
+    sparsity=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**16),
+    method=st.sampled_from(["oneshot", "gmp", "rigl"]),
+    optimizer_name=st.sampled_from(sorted(OPTIMIZERS)),
+)
+def test_baselines_keep_the_sparse_invariant_and_the_total_count(
+    widths: list[int], sparsity: float, seed: int, method: str, optimizer_name: str
+) -> None:
+    torch._dynamo.reset()
+    model = _mlp(widths, seed)
+    compiled = resu.compile(
+        model,
+        sparsity=sparsity,
+        method=method,
+        cycles=2,
+        steps_per_cycle=6,
+        rigl_interval=2,
+        seed=seed,
+        compiler="aot_eager",
+    )
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    stepper = CheckedStepper(compiled.resu, optimizer)  # W[P] == 0, state 0 on P, every step
+    for _ in range(12):
+        x = torch.randn(6, widths[0], generator=generator)
+        loss = compiled(x).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stepper.step()
+    weights = list(compiled.resu.state)
+    actives = [w.active_count() for w in weights]
+    if method == "rigl":  # ERK: per-layer counts differ, their sum is exact and never drifts
+        assert sum(actives) == int((1 - sparsity) * sum(w.numel for w in weights))
+    else:
+        assert actives == [int((1 - sparsity) * w.numel) for w in weights]
