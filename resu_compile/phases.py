@@ -18,16 +18,21 @@ from typing import Any
 import torch
 
 from resu_compile.config import ResuConfig
-from resu_compile.kernels.bits import pack_bits, unpack_bits
-from resu_compile.method.amnesty import amnesty_mask, amnesty_scores
-from resu_compile.method.pruning import keep_top, layer_keep_counts, nm_mask, prune_scores
-from resu_compile.method.rigl import rigl_fraction, rigl_regrow
-from resu_compile.method.schedule import amnesty_budget, cycle_sparsities, keep_count
-from resu_compile.method.selective import initial_theta, select_trainable
+from resu_compile.method.rigl import rigl_fraction
+from resu_compile.method.schedule import amnesty_budget, cycle_sparsities
 from resu_compile.optim.bridge import OptimizerBridge
 from resu_compile.report import render_report
 from resu_compile.state import ManagedWeight, StateManager
 from resu_compile.telemetry import render_history
+from resu_compile.transitions import (
+    TransitionContext,
+    commit_weights,
+    enter_resu_weights,
+    input_norms,
+    prune_weights,
+    regrow_weights,
+    reselect_by_gradient,
+)
 
 STATE_FORMAT = 2
 
@@ -161,10 +166,7 @@ class PhaseController:
 
     def input_norms(self, name: str) -> torch.Tensor:
         """``||X_j||_2`` per input feature of managed weight ``name``, from calibrate passes."""
-        weight = self.state.by_name(name)
-        if weight.input_sq_norms is None:
-            raise RuntimeError(f"input_norms: no calibrate pass has recorded {name!r}")
-        return weight.input_sq_norms.sqrt()
+        return input_norms(self.state.by_name(name), "input_norms()")
 
     # -- the user's loop --------------------------------------------------------------------
 
@@ -350,76 +352,16 @@ class PhaseController:
         key = f"{self.config.seed}|{weight.name}|{self.cycle}|{purpose}".encode()
         return torch.Generator(device=weight.param.device).manual_seed(zlib.crc32(key))
 
-    @torch.no_grad()
+    def _context(self) -> TransitionContext:
+        return TransitionContext(self.config, self.optimizer, self._bridge, self._generator)
+
     def _prune(self, sparsity: float, criterion: str | None = None) -> None:
-        config = self.config
-        criterion = criterion or config.criterion
-        optimizer = self.optimizer
-        weights = list(self.state)
-        self._check_pattern(weights)
-        masks = [w.mask() for w in weights]
-        scores = [self._prune_scores(w, criterion) for w in weights]
-        if config.distribution == "uniform" or config.nm is not None:
-            counts = [keep_count(w.numel, sparsity) for w in weights]
-        else:
-            counts = layer_keep_counts(
-                [w.numel for w in weights],
-                sparsity,
-                config.distribution,
-                shapes=[tuple(w.shape) for w in weights],
-                scores=scores,
-                eligible=masks,
-            )
-        layers = {}
-        for weight, mask, score, count in zip(weights, masks, scores, counts, strict=True):
-            if config.nm is not None:
-                new = nm_mask(score, *config.nm, input_dim=weight.input_dim or 1)
-                count = active = weight.numel * config.nm[0] // config.nm[1]
-            else:
-                wanda = criterion == "wanda"  # compared within each output row, as in Wanda
-                output_dim = 1 - weight.input_dim if wanda else 0
-                new = keep_top(score, count, mask, per_row=wanda, output_dim=output_dim)
-                active = min(count, weight.active_count())
-            weight.set_mask(new, active)
-            weight.keep_target = count
-            self._bridge.zero_coordinates(optimizer, weight.param, ~new)
-            layers[weight.name] = weight.sparsity()
+        criterion = criterion or self.config.criterion
+        layers = prune_weights(self._context(), list(self.state), sparsity, criterion)
         self.target_sparsity = sparsity
         self._pruned = True
         self.phase = Phase.STABILIZE
         self._record("prune", target=sparsity, layers=layers)
-
-    def _check_pattern(self, weights: list[ManagedWeight]) -> None:
-        """With an N:M pattern, every managed weight's input dim must split into groups of M."""
-        if self.config.nm is None:
-            return
-        m = self.config.nm[1]
-        for weight in weights:
-            size = weight.shape[weight.input_dim or 1]
-            if size % m:
-                raise ValueError(
-                    f"pattern {self.config.pattern!r}: managed weight {weight.name!r} has "
-                    f"{size} inputs, not a multiple of {m}; exclude it with exclude=[...]"
-                )
-
-    def _prune_scores(self, weight: ManagedWeight, criterion: str) -> torch.Tensor:
-        return prune_scores(
-            weight.param,
-            criterion,
-            input_norms=self._norms_for(weight, f"criterion {criterion!r}")
-            if criterion == "wanda"
-            else None,
-            input_dim=weight.input_dim if weight.input_dim is not None else 1,
-            generator=self._generator(weight, "prune"),
-        )
-
-    def _norms_for(self, weight: ManagedWeight, purpose: str) -> torch.Tensor:
-        if weight.input_sq_norms is None or weight.input_dim is None:
-            raise RuntimeError(
-                f"{purpose} needs the input norms of {weight.name!r}: run forward passes inside "
-                "`with model.resu.calibrate():` before each prune and commit"
-            )
-        return weight.input_sq_norms.sqrt()
 
     # -- RigL (method="rigl") ------------------------------------------------------------------
 
@@ -440,170 +382,31 @@ class PhaseController:
             and 0 < self.step_count < self._rigl_end_step()
         )
 
-    @torch.no_grad()
     def _rigl_update(self) -> None:
-        """Drop the smallest ``|W|``, grow the largest ``|G|``; grown weights start at 0 with
-        zero optimizer state (they were pruned, so both already are)."""
         fraction = rigl_fraction(self.step_count, self._rigl_end_step(), self.config.rigl_fraction)
-        optimizer = self.optimizer
-        layers = {}
-        for weight in self.state:
-            if weight.param.grad is None or weight.mask_bits is None:
-                continue  # unused by this step's forward: nothing to grow from
-            active = weight.active_count()
-            count = int(fraction * active)
-            new, grown = rigl_regrow(weight.param, weight.param.grad, weight.mask(), count, active)
-            self._bridge.zero_coordinates(optimizer, weight.param, ~new)
-            weight.set_mask(new, active)
-            layers[weight.name] = {"dropped": count, "grown": grown, "sparsity": weight.sparsity()}
-        grown_counts = (
-            torch.stack([entry["grown"].sum() for entry in layers.values()]).tolist()
-            if layers
-            else []
-        )
-        for entry, grown_count in zip(layers.values(), grown_counts, strict=True):
-            entry["grown"] = grown_count
+        layers = regrow_weights(self._context(), list(self.state), fraction)
         self._record("rigl", fraction=fraction, layers=layers)
 
     # -- RESU ------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _enter_resu(self) -> None:
-        selected = {}
-        for weight in self.state:
-            mask = weight.mask()
-            if mask is None:
-                mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
-            pruned = ~mask
-            pruned_count = weight.numel - weight.active_count()
-            weight.theta_buffers.clear()
-            if self.config.selection == "topk":
-                # S is chosen from G at the phase's first step (select_by_gradient); until then
-                # no coordinate trains.
-                weight.param.masked_fill_(pruned, 0)
-                weight.select_bits = pack_bits(torch.zeros_like(pruned))
-                selected[weight.name] = int(self.config.alpha * pruned_count)
-                continue
-            trainable, count = select_trainable(
-                pruned,
-                self.config.selection,
-                self.config.alpha,
-                self._generator(weight, "select"),
-                pruned_count,
-            )
-            theta = initial_theta(
-                weight.param, mask, self.config.theta_init_eps, self._generator(weight, "theta")
-            )
-            weight.param.copy_(torch.where(trainable, theta, weight.param.masked_fill(pruned, 0)))
-            weight.select_bits = pack_bits(trainable)
-            selected[weight.name] = count
+        selected = enter_resu_weights(self._context(), list(self.state))
         self.resu_steps = 0
         self.phase = Phase.RESU
         self._record("resu", layers=selected)
 
-    @torch.no_grad()
     def select_by_gradient(self, weight: ManagedWeight, gradient: torch.Tensor) -> torch.Tensor:
-        """``topk`` selection: S becomes the top ``alpha`` of P by ``|G|``; coordinates that join
-        S get a fresh theta draw, those that leave it go back to 0. Returns the coordinates whose
-        theta-optimizer state must restart (joined or left)."""
-        mask = weight.mask()
-        pruned = ~mask
-        new, _ = select_trainable(
-            pruned,
-            "topk",
-            self.config.alpha,
-            self._generator(weight, "select"),
-            weight.numel - weight.active_count(),
-            gradient=gradient,
-        )
-        old = weight.selection()
-        joined, left = new & ~old, old & ~new
-        theta = initial_theta(
-            weight.param,
-            mask,
-            self.config.theta_init_eps,
-            self._generator(weight, f"theta{self.resu_steps}"),
-        )
-        weight.param.copy_(torch.where(joined, theta, weight.param.masked_fill(left, 0)))
-        weight.select_bits = pack_bits(new)
-        return joined | left
+        """``topk``: re-choose S from ``G`` (see ``transitions.reselect_by_gradient``)."""
+        return reselect_by_gradient(self._context(), weight, gradient, f"theta{self.resu_steps}")
 
-    @torch.no_grad()
     def _commit(self) -> None:
         config = self.config
         budget = amnesty_budget(
             min(self.cycle, config.cycles - 1), config.cycles, config.r_start, config.r_end
         )
-        optimizer = self.optimizer
-        weights = list(self.state)
-        scores = [self._amnesty_scores(w) for w in weights] if config.amnesty else None
-        layers = {}
-        for i, weight in enumerate(weights):
-            old = weight.mask()
-            if old is None:
-                old = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
-            n_keep = weight.keep_target
-            if n_keep is None:
-                n_keep = keep_count(weight.numel, self.target_sparsity)
-            trained = weight.selection()
-            reserved = 0
-            if scores is None:
-                new, active = old | trained, None
-            elif config.nm is not None:  # the pattern fixes every group's places: no quota
-                new = nm_mask(scores[i], *config.nm, input_dim=weight.input_dim or 1)
-                active = n_keep
-            else:
-                result = amnesty_mask(scores[i], old, n_keep, budget, weight.active_count())
-                new, active, reserved = result.mask, min(n_keep, weight.numel), result.n_reserved
-            resurrected = new & ~old
-            self._bridge.zero_coordinates(optimizer, weight.param, ~new)
-            self._bridge.restart_state(optimizer, weight, resurrected, config.carry_theta_state)
-            revived = (
-                unpack_bits(weight.revived_bits, weight.shape).to(new.device)
-                if weight.revived_bits is not None
-                else torch.zeros_like(new)
-            )
-            counts = [(~old).sum(), resurrected.sum(), (new ^ old).sum(), (revived & new).sum()]
-            counts.append((resurrected & trained).sum() if trained is not None else counts[1] * 0)
-            old_pruned, count, churn, survivors, trained_count = torch.stack(counts).tolist()
-            weight.set_mask(new, active)
-            weight.revived_bits = pack_bits(revived | resurrected).cpu()
-            weight.select_bits = None
-            weight.theta_buffers.clear()
-            layers[weight.name] = {
-                "target": self.target_sparsity,
-                "sparsity": weight.sparsity(),
-                "resurrected": count,
-                # Winners that trained as theta; the rest of the n_R places went to untrained zeros.
-                "resurrected_trained": trained_count,
-                "resurrection_rate": count / old_pruned if old_pruned else 0.0,
-                "churn": churn,
-                # Weights resurrected at earlier commits that are still active after this one.
-                "survivors": survivors,
-                "reserved": reserved,
-                "pruned_before": old_pruned,
-                "budget": budget,
-            }
+        layers = commit_weights(self._context(), list(self.state), budget, self.target_sparsity)
         self._record("commit", budget=budget, layers=layers)
         self._end_cycle()
-
-    def _amnesty_scores(self, weight: ManagedWeight) -> torch.Tensor:
-        score = self.config.amnesty_score
-        gradient = weight.param.grad
-        if score == "gradient" and gradient is None:
-            raise RuntimeError(
-                f"commit: amnesty_score 'gradient' needs G of {weight.name!r} from the last RESU "
-                "step: call commit() after backward() and before zero_grad()"
-            )
-        return amnesty_scores(
-            weight.param,
-            score,
-            gradient=gradient,
-            input_norms=self._norms_for(weight, "amnesty_score 'wanda'")
-            if score == "wanda"
-            else None,
-            input_dim=weight.input_dim if weight.input_dim is not None else 1,
-        )
 
     def _record(self, event: str, **data: Any) -> None:
         self.history.append({"event": event, "cycle": self.cycle, "step": self.step_count, **data})
