@@ -29,6 +29,7 @@ CASES = [
     ("sgd_momentum_wd", "momentum", "graph", False),
     ("sgd_nesterov", "adamw", "graph", False),
     ("rmsprop_fallback", "sgd", "graph", False),
+    ("rmsprop_fallback", "adamw", "optimizer", False),  # theta's moments in private buffers
     ("adamw_wd", "sgd", "optimizer", False),
     ("sgd_nesterov", "momentum", "optimizer", False),
     ("adamw_wd", "adamw", "optimizer", True),
