@@ -222,7 +222,9 @@ def commit_weights(
             new, active, reserved = result.mask, min(n_keep, weight.numel), result.n_reserved
         resurrected = new & ~old
         ctx.bridge.zero_coordinates(ctx.optimizer, weight.param, ~new)
-        ctx.bridge.restart_state(ctx.optimizer, weight, resurrected, config.carry_theta_state)
+        ctx.bridge.resu_phase.restart_state(
+            ctx.optimizer, weight, resurrected, config.carry_theta_state
+        )
         revived = (
             unpack_bits(weight.revived_bits, weight.shape).to(new.device)
             if weight.revived_bits is not None

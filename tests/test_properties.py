@@ -56,6 +56,19 @@ def _check_counts(controller: resu.PhaseController, event: str) -> None:
         assert torch.count_nonzero(weight.param.detach()[~mask]) == 0, f"{weight.name}: W[P] != 0"
 
 
+def _train(
+    compiled: torch.nn.Module, optimizer: torch.optim.Optimizer, width: int, seed: int, steps: int
+) -> None:
+    """``steps`` optimizer steps on seeded random inputs, the invariants checked after each."""
+    generator = torch.Generator().manual_seed(seed)
+    stepper = CheckedStepper(compiled.resu, optimizer)
+    for _ in range(steps):
+        loss = compiled(torch.randn(6, width, generator=generator)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stepper.step()
+
+
 def _instrument(controller: resu.PhaseController, log: list[str]) -> None:
     """Check the counts and the optimizer state right after each prune and commit."""
     prune, commit = controller._prune, controller._commit
@@ -121,14 +134,7 @@ def test_random_runs_keep_invariants_and_counts(
     log: list[str] = []
     _instrument(controller, log)
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    generator = torch.Generator().manual_seed(seed)
-    stepper = CheckedStepper(controller, optimizer)
-    for _ in range(cycles * steps_per_cycle):
-        x = torch.randn(6, widths[0], generator=generator)
-        loss = compiled(x).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        stepper.step()
+    _train(compiled, optimizer, widths[0], seed, cycles * steps_per_cycle)
     assert controller.phase is resu.Phase.DONE
     assert log == ["prune", "commit"] * cycles
     assert len(controller.state) == 3
@@ -176,14 +182,7 @@ def test_random_resu_options_keep_invariants_and_counts(
     log: list[str] = []
     _instrument(controller, log)
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    generator = torch.Generator().manual_seed(seed)
-    stepper = CheckedStepper(controller, optimizer)
-    for _ in range(12):
-        x = torch.randn(6, widths[0], generator=generator)
-        loss = compiled(x).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        stepper.step()
+    _train(compiled, optimizer, widths[0], seed, 12)
     assert controller.phase is resu.Phase.DONE
     assert log == ["prune", "commit"] * 2
 
@@ -212,14 +211,7 @@ def test_baselines_keep_the_sparse_invariant_and_the_total_count(
         compiler="aot_eager",
     )
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    generator = torch.Generator().manual_seed(seed)
-    stepper = CheckedStepper(compiled.resu, optimizer)  # W[P] == 0, state 0 on P, every step
-    for _ in range(12):
-        x = torch.randn(6, widths[0], generator=generator)
-        loss = compiled(x).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        stepper.step()
+    _train(compiled, optimizer, widths[0], seed, 12)  # W[P] == 0, state 0 on P, every step
     weights = list(compiled.resu.state)
     actives = [w.active_count() for w in weights]
     if method == "rigl":  # ERK: per-layer counts differ, their sum is exact and never drifts

@@ -49,7 +49,8 @@ class OptimizerBridge:
         self._masked_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._plans: dict[int, str | None] = {}
         self._theta_copies: dict[int, torch.Tensor] = {}
-        self._resu_phase = ResuPhaseStep(controller)
+        #: The RESU phase's theta step, and the slot bookkeeping commits need from it.
+        self.resu_phase = ResuPhaseStep(controller)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -160,7 +161,7 @@ class OptimizerBridge:
             for w in weights
             if in_resu and plans.get(id(w)) == "fallback"
         }
-        self._resu_phase.private_slots = set(self._theta_copies)
+        self.resu_phase.private_slots = set(self._theta_copies)
         for weight in weights:
             plan = plans.get(id(weight))
             grad = weight.param.grad
@@ -240,7 +241,7 @@ class OptimizerBridge:
             for weight in self._fallback:
                 values = self._theta_copies[id(weight.param)]
                 weight.param.copy_(torch.where(weight.mask(), weight.param, values))
-        self._resu_phase.step(optimizer, taken, self._found_inf)
+        self.resu_phase.step(optimizer, taken, self._found_inf)
 
     def _masked_update(
         self,
@@ -307,13 +308,3 @@ class OptimizerBridge:
         if optimizer is not None:
             for value in weight_shaped_state(optimizer, param):
                 value.masked_fill_(where, 0)
-
-    def restart_state(
-        self,
-        optimizer: torch.optim.Optimizer | None,
-        weight: ManagedWeight,
-        resurrected: torch.Tensor,
-        carry: bool,
-    ) -> None:
-        """Optimizer state of resurrected coordinates: zero, or theta's moments (``carry``)."""
-        self._resu_phase.restart_state(optimizer, weight, resurrected, carry)
