@@ -135,15 +135,8 @@ class PhaseController:
 
     def needs_dense_gradient(self) -> bool:
         """Whether the step in progress must see ``G`` on pruned coordinates too (RigL's grow
-        step reads it), so the graph may not mask the gradient."""
-        config = self.config
-        upcoming = self.step_count + 1
-        return (
-            config.method == "rigl"
-            and self._pruned
-            and upcoming % config.rigl_interval == 0
-            and upcoming < self._rigl_end_step()
-        )
+        step after it reads it), so the graph may not mask the gradient."""
+        return self._rigl_updates_after(self.step_count + 1)
 
     @property
     def pruned(self) -> bool:
@@ -220,7 +213,7 @@ class PhaseController:
         """
         if self.config.manual:
             return
-        if after_step and self._rigl_update_due():
+        if after_step and self._rigl_updates_after(self.step_count):
             self._rigl_update()
         while (transition := self._due_transition()) is not None:
             transition()
@@ -372,14 +365,15 @@ class PhaseController:
         """RigL starts sparse: a random mask at the final sparsity before the first step."""
         self._prune(self.config.sparsity, criterion="random")
 
-    def _rigl_update_due(self) -> bool:
+    def _rigl_updates_after(self, step: int) -> bool:
+        """Whether RigL changes the masks once optimizer step ``step`` is done."""
         config = self.config
         return (
             config.method == "rigl"
             and self._pruned
             and self.phase is not Phase.PAUSED
-            and self.step_count % config.rigl_interval == 0
-            and 0 < self.step_count < self._rigl_end_step()
+            and step % config.rigl_interval == 0
+            and 0 < step < self._rigl_end_step()
         )
 
     def _rigl_update(self) -> None:

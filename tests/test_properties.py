@@ -56,17 +56,32 @@ def _check_counts(controller: resu.PhaseController, event: str) -> None:
         assert torch.count_nonzero(weight.param.detach()[~mask]) == 0, f"{weight.name}: W[P] != 0"
 
 
-def _train(
-    compiled: torch.nn.Module, optimizer: torch.optim.Optimizer, width: int, seed: int, steps: int
-) -> None:
-    """``steps`` optimizer steps on seeded random inputs, the invariants checked after each."""
+def _checked_run(
+    widths: list[int],
+    seed: int,
+    optimizer_name: str,
+    steps: int,
+    instrument: bool = True,
+    **options: object,
+) -> tuple[resu.PhaseController, list[str]]:
+    """Compile a seeded MLP with ``options`` and train it ``steps`` steps on seeded random inputs,
+    the invariants checked after each step (and, with ``instrument``, the counts and state after
+    each prune and commit). Returns the controller and the transitions seen."""
+    torch._dynamo.reset()
+    model = _mlp(widths, seed)
+    compiled = resu.compile(model, seed=seed, compiler="aot_eager", **options)
+    log: list[str] = []
+    if instrument:
+        _instrument(compiled.resu, log)
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
     generator = torch.Generator().manual_seed(seed)
     stepper = CheckedStepper(compiled.resu, optimizer)
     for _ in range(steps):
-        loss = compiled(torch.randn(6, width, generator=generator)).pow(2).mean()
+        loss = compiled(torch.randn(6, widths[0], generator=generator)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stepper.step()
+    return compiled.resu, log
 
 
 def _instrument(controller: resu.PhaseController, log: list[str]) -> None:
@@ -119,22 +134,16 @@ def test_random_runs_keep_invariants_and_counts(
     seed: int,
     optimizer_name: str,
 ) -> None:
-    torch._dynamo.reset()
-    model = _mlp(widths, seed)
-    compiled = resu.compile(
-        model,
+    controller, log = _checked_run(
+        widths,
+        seed,
+        optimizer_name,
+        cycles * steps_per_cycle,
         sparsity=sparsity,
         cycles=cycles,
         steps_per_cycle=steps_per_cycle,
-        seed=seed,
         theta_lr=1e-2,
-        compiler="aot_eager",
     )
-    controller = compiled.resu
-    log: list[str] = []
-    _instrument(controller, log)
-    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    _train(compiled, optimizer, widths[0], seed, cycles * steps_per_cycle)
     assert controller.phase is resu.Phase.DONE
     assert log == ["prune", "commit"] * cycles
     assert len(controller.state) == 3
@@ -161,16 +170,15 @@ def test_random_resu_options_keep_invariants_and_counts(
     amnesty_score: str,
     optimizer_name: str,
 ) -> None:
-    torch._dynamo.reset()
-    model = _mlp(widths, seed)
-    compiled = resu.compile(
-        model,
+    controller, log = _checked_run(
+        widths,
+        seed,
+        optimizer_name,
+        12,
         sparsity=sparsity,
         cycles=2,
         steps_per_cycle=6,
-        seed=seed,
         theta_lr=1e-2,
-        compiler="aot_eager",
         selection=selection,
         refresh=2 if selection == "topk" else 0,
         freeze_active=frozen,
@@ -178,11 +186,6 @@ def test_random_resu_options_keep_invariants_and_counts(
         theta_optimizer=theta_optimizer,
         amnesty_score=amnesty_score,
     )
-    controller = compiled.resu
-    log: list[str] = []
-    _instrument(controller, log)
-    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    _train(compiled, optimizer, widths[0], seed, 12)
     assert controller.phase is resu.Phase.DONE
     assert log == ["prune", "commit"] * 2
 
@@ -198,21 +201,19 @@ def test_random_resu_options_keep_invariants_and_counts(
 def test_baselines_keep_the_sparse_invariant_and_the_total_count(
     widths: list[int], sparsity: float, seed: int, method: str, optimizer_name: str
 ) -> None:
-    torch._dynamo.reset()
-    model = _mlp(widths, seed)
-    compiled = resu.compile(
-        model,
+    controller, _ = _checked_run(  # W[P] == 0 and state 0 on P after every step
+        widths,
+        seed,
+        optimizer_name,
+        12,
+        instrument=False,  # RigL's ERK counts differ per layer: the total is checked below
         sparsity=sparsity,
         method=method,
         cycles=2,
         steps_per_cycle=6,
         rigl_interval=2,
-        seed=seed,
-        compiler="aot_eager",
     )
-    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    _train(compiled, optimizer, widths[0], seed, 12)  # W[P] == 0, state 0 on P, every step
-    weights = list(compiled.resu.state)
+    weights = list(controller.state)
     actives = [w.active_count() for w in weights]
     if method == "rigl":  # ERK: per-layer counts differ, their sum is exact and never drifts
         assert sum(actives) == int((1 - sparsity) * sum(w.numel for w in weights))

@@ -12,8 +12,8 @@ import torch
 
 from resu_compile.kernels import fused_update, reference
 from resu_compile.kernels.bits import pack_bits
+from tests.kernels.test_fused_update import TOL
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SGD = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False)
 ADAM = dict(
