@@ -9,6 +9,12 @@ Each configuration runs in its own process with fresh Inductor / Triton caches, 
 are cold and memory peaks are not polluted by another model. Usage (GPU machine):
 
     python benchmarks/overhead.py [--out benchmarks/results/overhead.json] [--steps 30]
+        [--models gpt2,vit] [--modes dense,resu,...] [--merge EARLIER.json]
+
+``--merge`` keeps the earlier result's runs of the (model, mode) pairs not run again now, so the
+benchmark can be split over several calls (``--models gpt2``, then ``--models vit --merge
+benchmarks/results/overhead.json``); ``commands`` lists the calls behind the result, earliest
+first, and every run records its own ``date``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -254,6 +261,47 @@ def _run_worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _order(run: dict[str, Any]) -> tuple[int, int, str, str]:
+    """Table order: MODELS, then MODES; unknown names after, alphabetically."""
+    model, mode = run["model"], run["mode"]
+    return (
+        MODELS.index(model) if model in MODELS else len(MODELS),
+        MODES.index(mode) if mode in MODES else len(MODES),
+        model,
+        mode,
+    )
+
+
+def merge_runs(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The union of two lists of runs, a new run replacing an earlier one of the same (model,
+    mode), in table order."""
+    fresh = {(r["model"], r["mode"]) for r in new}
+    kept = [r for r in earlier if (r["model"], r["mode"]) not in fresh]
+    return sorted(kept + list(new), key=_order)
+
+
+def load_earlier(
+    path: Path, env: dict[str, Any], steps: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs and command lines of an earlier result to merge with; each run is given the
+    earlier result's date if it has none of its own. Refuses a result measured otherwise
+    (sparsity, steps, device, torch or triton), whose numbers could not share one table."""
+    earlier = json.loads(path.read_text())
+    mine = {"sparsity": SPARSITY, "steps": steps, **env}
+    differ = [
+        f"{key} {earlier.get(key)!r} != {mine[key]!r}"
+        for key in ("sparsity", "steps", "device", "torch", "triton")
+        if earlier.get(key) != mine[key]
+    ]
+    if differ:
+        raise SystemExit(f"--merge: {path} was measured otherwise: " + "; ".join(differ))
+    runs = [{**run, "date": run.get("date") or earlier["date"]} for run in earlier["runs"]]
+    commands = earlier.get("commands") or [
+        earlier.get("command") or "python benchmarks/overhead.py"
+    ]
+    return runs, list(commands)
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, phase): time and memory as ratios against dense in the same run."""
     rows = []
@@ -301,6 +349,12 @@ def main() -> None:
     parser.add_argument(
         "--modes", default=",".join(MODES), help="comma list from " + ", ".join(MODES)
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="an earlier result JSON: its runs of (model, mode) pairs not run now are kept beside "
+        "the new ones (may be --out itself)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -309,15 +363,26 @@ def main() -> None:
         model_name, mode = args.worker.split("/")
         print(json.dumps(worker(model_name, mode, args.steps)))
         return
+    command = shlex.join(["python", "benchmarks/overhead.py", *sys.argv[1:]])
+    earlier: list[dict[str, Any]] = []
+    commands = [command]
+    if args.merge is not None:
+        earlier, before = load_earlier(args.merge, environment(), args.steps)
+        commands = [*before, command]
     runs: list[dict[str, Any]] = []
     for model_name in args.models.split(","):
         for mode in args.modes.split(","):
-            runs.append(_run_worker(model_name, mode, args.steps))
-            print(f"done: {model_name} {mode} ({runs[-1]['compile_s']:.1f} s compile)", flush=True)
-            report(runs, args)  # after every worker, so a cut-off run still leaves its numbers
+            run = _run_worker(model_name, mode, args.steps)
+            runs.append({**run, "date": environment()["date"]})
+            print(f"done: {model_name} {mode} ({run['compile_s']:.1f} s compile)", flush=True)
+            # After every worker, so a cut-off run still leaves its numbers (and, merging, the
+            # earlier ones of the pairs it did not reach).
+            report(merge_runs(earlier, runs), args, command, commands)
 
 
-def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def report(
+    runs: list[dict[str, Any]], args: argparse.Namespace, command: str, commands: list[str]
+) -> None:
     """Write the JSON and print the tables for the runs so far."""
     rows = summarize(runs)
     compile_rows = [
@@ -340,6 +405,8 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
     ]
     result = {
         **environment(),
+        "command": command,
+        "commands": commands,
         "sparsity": SPARSITY,
         "steps": args.steps,
         "runs": runs,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ README_END = "<!-- performance:end -->"
 ACCURACY_START = "<!-- accuracy:start -->"
 ACCURACY_END = "<!-- accuracy:end -->"
 ACCURACY_TASKS = ("fmnist-mlp", "fmnist-vit", "kjv-gpt")  # table order; other tasks follow
+TRANSITION_TARGET_MS_PER_100M = 20.0  # the mask transitions' budget per 100M managed weights
 ACCURACY_NOT_MEASURED = (
     "Not measured yet: run `python -m benchmarks.accuracy --task TASK` on the GPU machine "
     "(tasks: " + ", ".join(f"`{t}`" for t in ACCURACY_TASKS) + "), then "
@@ -31,12 +33,25 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _provenance(result: dict[str, Any], command: str) -> str:
+def _provenance(result: dict[str, Any], command: str | Sequence[str]) -> str:
+    """Device, versions, date and the command line(s), in the order they ran."""
     device = result.get("device") or result.get("gpu")
+    commands = [command] if isinstance(command, str) else list(command)
     return (
         f"{device}, torch {result['torch']}, triton {result['triton']}, {result['date']}; "
-        f"`{command}`"
+        + ", then ".join(f"`{c}`" for c in commands)
     )
+
+
+def _overhead_provenance(result: dict[str, Any]) -> str:
+    """The provenance line; a result merged from several calls (``--merge``) names them all and
+    the span of its runs' dates."""
+    commands = result.get("commands") or [result.get("command") or "python benchmarks/overhead.py"]
+    line = _provenance(result, commands)
+    dates = sorted({run["date"] for run in result.get("runs", []) if run.get("date")})
+    if len(dates) > 1:
+        line += f" (runs measured from {dates[0]} to {dates[-1]})"
+    return line
 
 
 def overhead_section(result: dict[str, Any]) -> str:
@@ -62,7 +77,7 @@ def overhead_section(result: dict[str, Any]) -> str:
         [
             "### Step time and memory per phase (GPT-2-small decoder, ViT-B encoder; bf16 autocast, "
             f"fused AdamW, sparsity {result['sparsity']})",
-            _provenance(result, "python benchmarks/overhead.py"),
+            _overhead_provenance(result),
             "`x dense (same process)` alternates blocks of steps with a dense `torch.compile` model "
             "built in the same process (the fair ratio); `x dense (separate runs)` divides by a "
             "dense run in its own process, which drifts by several percent between processes. "
@@ -75,35 +90,42 @@ def overhead_section(result: dict[str, Any]) -> str:
 
 
 def kernels_section(result: dict[str, Any]) -> str:
-    updates = [
-        {
-            "kernel": r["kernel"],
-            "shape": r["shape"],
-            "dtype": r["dtype"],
-            "ms": f"{r['ms']:.4f}",
-            "GB/s": "" if r.get("GB/s") is None else f"{r['GB/s']:.0f}",
-            "% of copy": "" if r.get("% of copy") is None else f"{r['% of copy']:.1f}",
-        }
-        for r in result["updates"]
-    ]
-    topk = [
-        {
-            "method": r["method"],
-            "n": r["n"],
-            "k": r["k"],
-            "ms": f"{r['ms']:.3f}",
-            "count error": f"{r['count error']:.2e}",
-        }
-        for r in result["topk"]
-    ]
-    parts = [
-        "### Fused update kernels",
-        _provenance(result, "python -m benchmarks.kernels"),
-        f"Copy ceiling measured in the same run: {result['copy_ceiling_GBps']:.0f} GB/s (read + write).",
-        tabulate(updates, headers="keys", tablefmt="github", disable_numparse=True),
-        "### Top-k selection without sorting",
-        tabulate(topk, headers="keys", tablefmt="github", disable_numparse=True),
-    ]
+    """Every section the kernels JSON holds (``--only`` runs may leave some out)."""
+    parts = []
+    if result.get("updates"):
+        updates = [
+            {
+                "kernel": r["kernel"],
+                "shape": r["shape"],
+                "dtype": r["dtype"],
+                "ms": f"{r['ms']:.4f}",
+                "GB/s": "" if r.get("GB/s") is None else f"{r['GB/s']:.0f}",
+                "% of copy": "" if r.get("% of copy") is None else f"{r['% of copy']:.1f}",
+            }
+            for r in result["updates"]
+        ]
+        parts += [
+            "### Fused update kernels",
+            _provenance(result, "python -m benchmarks.kernels"),
+            f"Copy ceiling measured in the same run: {result['copy_ceiling_GBps']:.0f} GB/s "
+            "(read + write).",
+            tabulate(updates, headers="keys", tablefmt="github", disable_numparse=True),
+        ]
+    if result.get("topk"):
+        topk = [
+            {
+                "method": r["method"],
+                "n": r["n"],
+                "k": r["k"],
+                "ms": f"{r['ms']:.3f}",
+                "count error": f"{r['count error']:.2e}",
+            }
+            for r in result["topk"]
+        ]
+        parts += [
+            "### Top-k selection without sorting",
+            tabulate(topk, headers="keys", tablefmt="github", disable_numparse=True),
+        ]
     if result.get("multi_tensor"):
         multi = [
             {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()}
@@ -113,7 +135,118 @@ def kernels_section(result: dict[str, Any]) -> str:
             "### One launch for all managed weights (GPT-2-small shapes)",
             tabulate(multi, headers="keys", tablefmt="github", disable_numparse=True),
         ]
+    if result.get("inline"):
+        parts.append(inline_section(result))
     return "\n\n".join(parts)
+
+
+def inline_section(result: dict[str, Any]) -> str:
+    """The inline W_eff matmul rows of the kernels JSON, with their own provenance."""
+    rows = [
+        {
+            "shape": r["shape"],
+            "variant": r["variant"],
+            "grads": r["grads"],
+            "fwd ms": _number(r["fwd ms"], ".3f"),
+            "fwd TFLOP/s": _number(r["fwd TFLOP/s"], ".0f"),
+            "fwd vs dense": _ratio(r["fwd vs dense"]),
+            "fwd+bwd ms": _number(r["fwd+bwd ms"], ".3f"),
+            "fwd+bwd TFLOP/s": _number(r["fwd+bwd TFLOP/s"], ".0f"),
+            "fwd+bwd vs dense": _ratio(r["fwd+bwd vs dense"]),
+            "peak MB": _number(r["peak MB"], ".1f"),
+            "+MB vs dense": _number(r["+MB vs dense"], ".1f"),
+            "max err": _number(r["max err"], ".2g"),
+        }
+        for r in result["inline"]
+    ]
+    provenance = result.get("provenance", {}).get("inline", result)
+    return "\n\n".join(
+        [
+            "### Inline effective-weight matmul vs cuBLAS",
+            _provenance(provenance, "python -m benchmarks.kernels --only inline"),
+            "One bf16 linear layer `tokens x in x out` whose weight is kept apart from theta "
+            "(`W_eff = where(M, W, Theta)`, mask packed as bits, 50% random). The first row of "
+            "each shape is cuBLAS on the in-place `W` (the dense baseline); `grads` are the "
+            "tensors the backward differentiates (`x, theta`: the RESU phase with frozen actives, "
+            "forward not timed again). `peak MB`: peak allocation of one forward + backward above "
+            "the resident inputs; `max err`: largest forward difference to the eager "
+            "materialized `W_eff`.",
+            inline_fastest(result["inline"]),
+            tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
+        ]
+    )
+
+
+def inline_fastest(rows: list[dict[str, Any]]) -> str:
+    """One sentence, computed from the rows: per shape, the fastest variant in forward and in
+    forward + backward, and the fastest of those keeping theta apart from ``W`` (per gradients)."""
+    clauses = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        apart = mine[1:]  # kernels.py times the dense baseline first
+        timed = [r for r in mine if r["fwd ms"] is not None]
+        step = min(mine, key=lambda r: r["fwd+bwd ms"])
+        overall = f"forward + backward `{step['variant']}` ({step['fwd+bwd ms']:.3f} ms)"
+        if timed:
+            fwd = min(timed, key=lambda r: r["fwd ms"])
+            overall = f"forward `{fwd['variant']}` ({fwd['fwd ms']:.3f} ms), " + overall
+        kept = []
+        timed_apart = [r for r in apart if r["fwd ms"] is not None]
+        if timed_apart:
+            fwd = min(timed_apart, key=lambda r: r["fwd ms"])
+            kept.append(f"forward `{fwd['variant']}` ({fwd['fwd vs dense']:.2f}x dense)")
+        for grads in dict.fromkeys(r["grads"] for r in apart):
+            best = min((r for r in apart if r["grads"] == grads), key=lambda r: r["fwd+bwd ms"])
+            kept.append(
+                f"forward + backward of {grads} `{best['variant']}` "
+                f"({best['fwd+bwd vs dense']:.2f}x dense)"
+            )
+        clause = f"{shape}: {overall}"
+        if kept:
+            clause += "; keeping theta apart, " + ", ".join(kept)
+        clauses.append(clause)
+    return "Fastest per shape, from the table: " + ". ".join(clauses) + "."
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def transitions_section(result: dict[str, Any]) -> str:
+    """Prune / RESU entry / commit over GPT-2-small's managed weights, against the target."""
+    rows = [
+        {
+            "transition": r["transition"],
+            "ms": f"{r['ms']:.2f}",
+            "ms/100M": f"{r['ms/100M']:.1f}",
+            "first cycle ms/100M": f"{r['first cycle ms/100M']:.1f}",
+            "kernel launches": r["kernel launches"],
+            "host syncs": r["host syncs"],
+            "target met": _flag(r["ms/100M"] <= TRANSITION_TARGET_MS_PER_100M),
+        }
+        for r in result["summary"]
+    ]
+    weights = result["weights"]
+    subject = (
+        "GPT-2-small's 48 managed weights"
+        if weights == 48
+        else f"{weights} GPT-2-small-shaped managed weights"
+    )
+    cycles = len(result.get("cycles", []))
+    return "\n\n".join(
+        [
+            f"### Transitions in isolation ({subject})",
+            _provenance(result, result.get("command") or "python -m benchmarks.transitions"),
+            f"{weights} managed weights, {result['managed_weights']:,} parameters in all (fp32), "
+            f"sparsity {result['sparsity']}, under a manual controller in the default "
+            "configuration, no graph involved. `ms`: median of "
+            f"{cycles} cycles after a first one (`first cycle` also pays CUDA's lazy kernel "
+            "loading); kernel launches and host syncs: one profiled cycle. Target: "
+            f"{TRANSITION_TARGET_MS_PER_100M:g} ms per 100M managed weights (`target met` "
+            "compares `ms/100M`).",
+            tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
+        ]
+    )
 
 
 def accuracy_results(results: Path) -> list[dict[str, Any]]:
@@ -224,14 +357,26 @@ def _flag(value: bool | None) -> str:
     return "" if value is None else ("yes" if value else "no")
 
 
+def performance_sections(results: Path) -> str:
+    """The overhead tables then the transitions table, as far as their JSON exists ("" if none)."""
+    overhead = _load(results / "overhead.json")
+    transitions = _load(results / "transitions.json")
+    parts = []
+    if overhead:
+        parts.append(overhead_section(overhead))
+    if transitions:
+        parts.append(transitions_section(transitions))
+    return "\n\n".join(parts)
+
+
 def render(results: Path) -> str:
     sections = [
         "# Benchmark results",
         "Generated by `benchmarks/render_results.py` from the JSON in `benchmarks/results/`.",
     ]
-    overhead = _load(results / "overhead.json")
-    if overhead:
-        sections += ["## Graph-level overhead", overhead_section(overhead)]
+    performance = performance_sections(results)
+    if performance:
+        sections += ["## Graph-level overhead", performance]
     kernels = _load(results / "kernels.json")
     if kernels:
         sections += ["## Kernels", kernels_section(kernels)]
@@ -260,8 +405,7 @@ def main() -> None:
     args = parser.parse_args()
     document = render(args.results)
     (ROOT / "benchmarks" / "RESULTS.md").write_text(document)
-    overhead = _load(args.results / "overhead.json")
-    summary = overhead_section(overhead) if overhead else "No GPU results yet."
+    summary = performance_sections(args.results) or "No GPU results yet."
     update_readme(
         ROOT / "README.md",
         summary + "\n\nKernel tables: [benchmarks/RESULTS.md](benchmarks/RESULTS.md).",

@@ -1,0 +1,239 @@
+"""The benchmark bookkeeping that runs without a GPU: merging overhead runs and rendering tables.
+
+``benchmarks/overhead.py --merge`` and the transitions / inline sections of
+``benchmarks/render_results.py`` are exercised on small fake result dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import overhead, render_results
+
+ENV = {"device": "Fake GPU", "torch": "2.0", "triton": "3.0", "date": "2026-01-02T00:00:00+00:00"}
+
+
+def _run(model: str, mode: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "mode": mode, **extra}
+
+
+# overhead.py --merge
+
+
+def test_merge_runs_replaces_same_pair_keeps_others_in_table_order():
+    earlier = [
+        _run("gpt2", "dense", ms=1.0),
+        _run("gpt2", "resu", ms=2.0),
+        _run("vit", "dense", ms=3.0),
+    ]
+    new = [_run("vit", "resu", ms=5.0), _run("gpt2", "resu", ms=4.0)]
+    merged = overhead.merge_runs(earlier, new)
+    assert [(r["model"], r["mode"], r["ms"]) for r in merged] == [
+        ("gpt2", "dense", 1.0),
+        ("gpt2", "resu", 4.0),  # the new run, not the earlier one
+        ("vit", "dense", 3.0),
+        ("vit", "resu", 5.0),
+    ]
+    assert overhead.merge_runs([], new) == [new[1], new[0]]  # gpt2 before vit
+    assert overhead.merge_runs(earlier, []) == earlier
+
+
+def _earlier_file(tmp_path: Path, **extra: Any) -> Path:
+    path = tmp_path / "overhead.json"
+    result = {
+        **ENV,
+        "sparsity": overhead.SPARSITY,
+        "steps": 30,
+        "runs": [_run("gpt2", "dense"), _run("gpt2", "resu", date="2026-01-01T00:00:00+00:00")],
+        **extra,
+    }
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_load_earlier_backfills_dates_and_carries_commands(tmp_path):
+    env = {**ENV, "date": "2026-01-03T00:00:00+00:00"}
+    runs, commands = overhead.load_earlier(_earlier_file(tmp_path), env, steps=30)
+    # a run without a date of its own gets its file's date; one with a date keeps it
+    assert [r["date"] for r in runs] == [ENV["date"], "2026-01-01T00:00:00+00:00"]
+    assert commands == ["python benchmarks/overhead.py"]  # nothing recorded: the default command
+
+    path = _earlier_file(tmp_path, command="python benchmarks/overhead.py --models gpt2")
+    assert overhead.load_earlier(path, env, 30)[1] == [
+        "python benchmarks/overhead.py --models gpt2"
+    ]
+    chain = ["python benchmarks/overhead.py --models gpt2", "python benchmarks/overhead.py --x"]
+    path = _earlier_file(tmp_path, command=chain[-1], commands=chain)
+    assert overhead.load_earlier(path, env, 30)[1] == chain
+
+
+@pytest.mark.parametrize(
+    ("env_change", "steps", "word"),
+    [({"device": "Other GPU"}, 30, "device"), ({"torch": "2.1"}, 30, "torch"), ({}, 10, "steps")],
+)
+def test_load_earlier_refuses_results_measured_otherwise(tmp_path, env_change, steps, word):
+    with pytest.raises(SystemExit, match=word):
+        overhead.load_earlier(_earlier_file(tmp_path), {**ENV, **env_change}, steps)
+
+
+def test_overhead_provenance_names_every_command_and_the_date_span():
+    result = {**ENV, "runs": [{"date": ENV["date"]}]}
+    assert render_results._overhead_provenance(result).endswith("`python benchmarks/overhead.py`")
+    merged = {
+        **ENV,
+        "command": "python benchmarks/overhead.py --models vit --merge o.json",
+        "commands": [
+            "python benchmarks/overhead.py --models gpt2",
+            "python benchmarks/overhead.py --models vit --merge o.json",
+        ],
+        "runs": [{"date": "2026-01-01T00:00:00+00:00"}, {"date": ENV["date"]}],
+    }
+    line = render_results._overhead_provenance(merged)
+    assert (
+        "`python benchmarks/overhead.py --models gpt2`, then "
+        "`python benchmarks/overhead.py --models vit --merge o.json`" in line
+    )
+    assert "from 2026-01-01T00:00:00+00:00 to 2026-01-02T00:00:00+00:00" in line
+
+
+# render_results.py: transitions
+
+
+def _transitions() -> dict[str, Any]:
+    def row(name: str, ms_per_100m: float) -> dict[str, Any]:
+        return {
+            "transition": name,
+            "ms": ms_per_100m * 0.85,
+            "ms/100M": ms_per_100m,
+            "first cycle ms/100M": 300.0,
+            "kernel launches": 96,
+            "host syncs": 2,
+        }
+
+    return {
+        **ENV,
+        "command": "python -m benchmarks.transitions",
+        "managed_weights": 84934656,
+        "weights": 48,
+        "sparsity": 0.7,
+        "cycles": [{}] * 7,
+        "summary": [row("prune", 12.5), row("enter_resu", 20.0), row("commit", 20.5)],
+    }
+
+
+def _table_rows(markdown: str, first_cell: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith(f"| {first_cell}")
+    ]
+
+
+def test_transitions_section_flags_the_target_per_row():
+    text = render_results.transitions_section(_transitions())
+    assert text.startswith("### Transitions in isolation (GPT-2-small's 48 managed weights)")
+    assert (
+        "Fake GPU, torch 2.0, triton 3.0" in text and "`python -m benchmarks.transitions`" in text
+    )
+    assert "84,934,656" in text and "20 ms per 100M" in text
+    header = _table_rows(text, "transition")[0]
+    assert header[-1] == "target met"
+    met = {
+        row[0]: row[-1]
+        for name in ("prune", "enter_resu", "commit")
+        for row in _table_rows(text, name)
+    }
+    assert met == {"prune": "yes", "enter_resu": "yes", "commit": "no"}  # <= 20 ms/100M meets it
+
+
+def test_render_places_transitions_after_overhead_and_survives_missing_files(tmp_path):
+    # no JSON at all: no crash, no performance section
+    empty = render_results.render(tmp_path)
+    assert "Graph-level overhead" not in empty and "Transitions" not in empty
+    assert render_results.performance_sections(tmp_path) == ""
+    # transitions alone still render, under the overhead heading
+    (tmp_path / "transitions.json").write_text(json.dumps(_transitions()))
+    alone = render_results.render(tmp_path)
+    assert alone.index("## Graph-level overhead") < alone.index("### Transitions in isolation")
+    assert "## Kernels" not in alone
+
+
+# render_results.py: inline matmul
+
+
+def _inline_row(shape: str, variant: str, grads: str, fwd: float | None, step: float):
+    dense_fwd, dense_step = {"8x4x4": (1.0, 3.0), "8x2x2": (2.0, 4.0)}[shape]
+    return {
+        "shape": shape,
+        "variant": variant,
+        "grads": grads,
+        "fwd ms": fwd,
+        "fwd TFLOP/s": None if fwd is None else 10.0 / fwd,
+        "fwd vs dense": None if fwd is None else fwd / dense_fwd,
+        "fwd+bwd ms": step,
+        "fwd+bwd TFLOP/s": 30.0 / step,
+        "fwd+bwd vs dense": step / dense_step,
+        "peak MB": 100.0,
+        "+MB vs dense": 0.0,
+        "max err": None if variant == "dense" else 0.0,
+    }
+
+
+def _kernels() -> dict[str, Any]:
+    inline = [
+        _inline_row("8x4x4", "dense", "x, W", 1.0, 3.0),
+        _inline_row("8x4x4", "materialize", "x, W, theta", 1.5, 3.9),
+        _inline_row("8x4x4", "inline", "x, W, theta", 1.2, 3.6),
+        _inline_row("8x4x4", "inline", "x, theta", None, 3.3),
+        # second shape: the inline kernel beats the dense baseline in forward + backward
+        _inline_row("8x2x2", "dense", "x, W", 2.0, 4.0),
+        _inline_row("8x2x2", "inline", "x, W, theta", 2.5, 3.0),
+    ]
+    return {
+        "gpu": "Old GPU",
+        "torch": "1.0",
+        "triton": "2.0",
+        "date": "2025-01-01T00:00:00+00:00",
+        "provenance": {
+            "inline": {"gpu": "Fake GPU", "torch": "2.0", "triton": "3.0", "date": ENV["date"]}
+        },
+        "inline": inline,
+    }
+
+
+def test_inline_section_has_its_own_provenance_and_every_row():
+    text = render_results.kernels_section(_kernels())
+    assert "### Fused update kernels" not in text  # absent from the JSON: left out, no crash
+    assert text.startswith("### Inline effective-weight matmul vs cuBLAS")
+    assert (
+        f"Fake GPU, torch 2.0, triton 3.0, {ENV['date']}; "
+        "`python -m benchmarks.kernels --only inline`" in text
+    )
+    assert "Old GPU" not in text
+    header = _table_rows(text, "shape")[0]
+    assert header == [
+        "shape", "variant", "grads", "fwd ms", "fwd TFLOP/s", "fwd vs dense", "fwd+bwd ms",
+        "fwd+bwd TFLOP/s", "fwd+bwd vs dense", "peak MB", "+MB vs dense", "max err",
+    ]  # fmt: skip
+    rows = _table_rows(text, "8x")
+    assert len(rows) == 6
+    no_forward = next(r for r in rows if r[2] == "x, theta")
+    assert no_forward[3:6] == ["", "", ""]  # not timed: blank, not "None"
+    assert rows[0][-1] == ""  # the dense row has no error
+
+
+def test_inline_fastest_sentence_is_computed_from_the_rows():
+    sentence = render_results.inline_fastest(_kernels()["inline"])
+    first, second = sentence.split(". 8x2x2: ")
+    assert first.startswith("Fastest per shape, from the table: 8x4x4: forward `dense` (1.000 ms)")
+    assert "forward + backward `dense` (3.000 ms)" in first
+    assert "keeping theta apart, forward `inline` (1.20x dense)" in first
+    assert "forward + backward of x, W, theta `inline` (1.20x dense)" in first
+    assert "forward + backward of x, theta `inline` (1.10x dense)" in first
+    assert "materialize" not in first  # never the fastest of anything here
+    assert second.startswith("forward `dense` (2.000 ms), forward + backward `inline` (3.000 ms)")
+    assert "forward + backward of x, W, theta `inline` (0.75x dense)" in second
