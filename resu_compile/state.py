@@ -57,6 +57,11 @@ class ManagedWeight:
         self.mask_bits = pack_bits(mask)
         self._active = active
 
+    def set_mask_bits(self, bits: torch.Tensor, active: int | None = None) -> None:
+        """Store an already packed mask; ``active`` as in :meth:`set_mask`."""
+        self.mask_bits = bits
+        self._active = active
+
     def mask_bits_or_all_active(self) -> torch.Tensor:
         """The packed mask, or all-ones bits for a weight not pruned yet (graph inputs need one)."""
         if self.mask_bits is not None:

@@ -15,7 +15,11 @@ import torch
 
 from resu_compile.config import ResuConfig
 from resu_compile.kernels.bits import pack_bits, unpack_bits
-from resu_compile.method.amnesty import amnesty_mask, amnesty_scores
+from resu_compile.kernels.commit_bits import commit_bits
+from resu_compile.kernels.masked_zero import zero_where_clear_
+from resu_compile.kernels.segmented_topk import topk_bits
+from resu_compile.kernels.theta_entry import active_sigma, write_theta_
+from resu_compile.method.amnesty import AmnestyQuotas, amnesty_quotas, amnesty_scores
 from resu_compile.method.pruning import keep_top, layer_keep_counts, nm_mask, prune_scores
 from resu_compile.method.rigl import rigl_regrow
 from resu_compile.method.schedule import keep_count
@@ -44,38 +48,58 @@ def prune_weights(
     """Bring every weight to its share of ``sparsity``; pruned weights and state become 0.
 
     Returns each layer's actual sparsity. Refuses (changing nothing) a layer an N:M pattern cannot
-    split.
+    split. Whole-layer top-k masks (magnitude and random criteria) are found for every weight at
+    once by :func:`~resu_compile.kernels.segmented_topk.topk_bits`; N:M and Wanda's row-wise
+    comparison go weight by weight.
     """
     config = ctx.config
     check_pattern(config, weights)
-    masks = [w.mask() for w in weights]
-    scores = [_prune_scores(ctx, w, criterion) for w in weights]
+    scores = None
     if config.distribution == "uniform" or config.nm is not None:
         counts = [keep_count(w.numel, sparsity) for w in weights]
     else:
+        scores = [_prune_scores(ctx, w, criterion) for w in weights]
         counts = layer_keep_counts(
             [w.numel for w in weights],
             sparsity,
             config.distribution,
             shapes=[tuple(w.shape) for w in weights],
             scores=scores,
-            eligible=masks,
+            eligible=[w.mask() for w in weights],
         )
-    layers = {}
-    for weight, mask, score, count in zip(weights, masks, scores, counts, strict=True):
+    if config.nm is not None or criterion == "wanda":
+        if scores is None:
+            scores = [_prune_scores(ctx, w, criterion) for w in weights]
+        new_bits = [
+            pack_bits(_pattern_or_row_mask(config, w, s, count, criterion))
+            for w, s, count in zip(weights, scores, counts, strict=True)
+        ]
+    else:
+        if scores is None:  # magnitude reads the weights themselves
+            scores = [
+                w.param.detach() if criterion == "magnitude" else _prune_scores(ctx, w, criterion)
+                for w in weights
+            ]
+        eligible = [None if w.mask_bits is None else (w.mask_bits, True) for w in weights]
+        new_bits = topk_bits(scores, counts, eligible, magnitude=True)
+    for weight, bits, count in zip(weights, new_bits, counts, strict=True):
         if config.nm is not None:
-            new = nm_mask(score, *config.nm, input_dim=weight.input_dim or 1)
             count = active = weight.numel * config.nm[0] // config.nm[1]
         else:
-            wanda = criterion == "wanda"  # compared within each output row, as in Wanda
-            output_dim = 1 - weight.input_dim if wanda else 0
-            new = keep_top(score, count, mask, per_row=wanda, output_dim=output_dim)
             active = min(count, weight.active_count())
-        weight.set_mask(new, active)
+        weight.set_mask_bits(bits, active)
         weight.keep_target = count
-        ctx.bridge.zero_coordinates(ctx.optimizer, weight.param, ~new)
-        layers[weight.name] = weight.sparsity()
-    return layers
+    ctx.bridge.zero_where_pruned(ctx.optimizer, weights)
+    return {weight.name: weight.sparsity() for weight in weights}
+
+
+def _pattern_or_row_mask(
+    config: ResuConfig, weight: ManagedWeight, scores: torch.Tensor, count: int, criterion: str
+) -> torch.Tensor:
+    """The N:M mask, or Wanda's (top-k compared within each output row)."""
+    if config.nm is not None:
+        return nm_mask(scores, *config.nm, input_dim=weight.input_dim or 1)
+    return keep_top(scores, count, weight.mask(), per_row=True, output_dim=1 - weight.input_dim)
 
 
 def check_pattern(config: ResuConfig, weights: list[ManagedWeight]) -> None:
@@ -139,31 +163,44 @@ def regrow_weights(
 
 @torch.no_grad()
 def enter_resu_weights(ctx: TransitionContext, weights: list[ManagedWeight]) -> dict[str, int]:
-    """Choose S in every weight and draw theta on it; ``W[P \\ S] = 0``. Returns ``|S|``."""
+    """Choose S in every weight and draw theta on it; ``W[P \\ S] = 0``. Returns ``|S|``.
+
+    Every weight at once: S by :func:`topk_bits` (``random``: the top-k of uniform noise over P,
+    drawn once per weight from its own generator; ``all`` / ``consistency``: all of P), sigma_A and
+    theta by :mod:`resu_compile.kernels.theta_entry`.
+    """
     config = ctx.config
-    selected = {}
     for weight in weights:
-        mask = weight.mask()
-        if mask is None:
-            mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
-        pruned = ~mask
-        pruned_count = weight.numel - weight.active_count()
         weight.theta_buffers.clear()
-        if config.selection == "topk":
-            # S is chosen from G at the phase's first step (reselect_by_gradient); until then
-            # no coordinate trains.
-            weight.param.masked_fill_(pruned, 0)
-            weight.select_bits = pack_bits(torch.zeros_like(pruned))
-            selected[weight.name] = int(config.alpha * pruned_count)
-            continue
-        trainable, count = select_trainable(
-            pruned, config.selection, config.alpha, ctx.generator(weight, "select"), pruned_count
-        )
-        theta = initial_theta(
-            weight.param, mask, config.theta_init_eps, ctx.generator(weight, "theta")
-        )
-        weight.param.copy_(torch.where(trainable, theta, weight.param.masked_fill(pruned, 0)))
-        weight.select_bits = pack_bits(trainable)
+    params = [w.param.data for w in weights]
+    mask_bits = [w.mask_bits_or_all_active() for w in weights]
+    pruned_counts = [w.numel - w.active_count() for w in weights]
+    pruned = [(bits, False) for bits in mask_bits]
+    if config.selection == "topk":
+        # S is chosen from G at the phase's first step (reselect_by_gradient); until then no
+        # coordinate trains.
+        select_bits = [torch.zeros_like(bits) for bits in mask_bits]
+        counts = [int(config.alpha * n) for n in pruned_counts]
+        zero_where_clear_(params, mask_bits)
+    else:
+        if config.selection == "random":
+            scores = [
+                torch.rand(w.shape, generator=ctx.generator(w, "select"), device=w.param.device)
+                for w in weights
+            ]
+            counts = [int(config.alpha * n) for n in pruned_counts]
+        else:  # all of P: any scores, k = |P|
+            scores, counts = params, pruned_counts
+        select_bits = topk_bits(scores, counts, pruned, magnitude=True)
+        sigma = active_sigma(params, mask_bits, [w.active_count() for w in weights])
+        noise = [
+            torch.randn(w.shape, generator=ctx.generator(w, "theta"), device=w.param.device)
+            for w in weights
+        ]
+        write_theta_(params, mask_bits, select_bits, noise, config.theta_init_eps * sigma)
+    selected = {}
+    for weight, bits, count in zip(weights, select_bits, counts, strict=True):
+        weight.select_bits = bits
         selected[weight.name] = count
     return selected
 
@@ -199,42 +236,62 @@ def commit_weights(
     ctx: TransitionContext, weights: list[ManagedWeight], budget: float, target_sparsity: float
 ) -> dict[str, dict[str, Any]]:
     """The amnesty tournament (or, without amnesty, the merge) in every weight; returns the
-    section-6 numbers of each layer."""
+    section-6 numbers of each layer.
+
+    The tournaments of all weights run as two (three with a shortfall) :func:`topk_bits` calls,
+    and the bookkeeping (resurrected set, state to restart, survival counts) as one
+    :func:`commit_bits` pass; the counts reach the host in one transfer.
+    """
     config = ctx.config
-    scores = [_amnesty_scores(config, w) for w in weights] if config.amnesty else None
+    old_bits = [w.mask_bits_or_all_active() for w in weights]
+    active_counts = [w.active_count() for w in weights]
+    n_keeps = [
+        w.keep_target if w.keep_target is not None else keep_count(w.numel, target_sparsity)
+        for w in weights
+    ]
+    trained_bits = [
+        w.select_bits if w.select_bits is not None else torch.zeros_like(bits)
+        for w, bits in zip(weights, old_bits, strict=True)
+    ]
+    quotas = [
+        amnesty_quotas(w.numel, active, n_keep, budget)
+        for w, active, n_keep in zip(weights, active_counts, n_keeps, strict=True)
+    ]
+    if not config.amnesty:
+        new_bits = [old | trained for old, trained in zip(old_bits, trained_bits, strict=True)]
+        actives: list[int | None] = [None] * len(weights)
+    elif config.nm is not None:  # the pattern fixes every group's places: no quota
+        new_bits = [
+            pack_bits(nm_mask(_amnesty_scores(config, w), *config.nm, input_dim=w.input_dim or 1))
+            for w in weights
+        ]
+        actives = list(n_keeps)
+    else:
+        new_bits = _tournaments(config, weights, old_bits, quotas)
+        actives = [min(n_keep, w.numel) for w, n_keep in zip(weights, n_keeps, strict=True)]
+    revived = _revived_on_device(weights, old_bits)
+    book = commit_bits(old_bits, new_bits, trained_bits, revived, [w.numel for w in weights])
+    carry_state = config.carry_theta_state or any(w.theta_buffers for w in weights)
+    for weight, bits, active in zip(weights, new_bits, actives, strict=True):
+        weight.set_mask_bits(bits, active)
+    # Newly pruned coordinates lose weight and state; resurrected ones restart their state.
+    ctx.bridge.zero_where_pruned(
+        ctx.optimizer, weights, state_bits=None if carry_state else book.keep_state
+    )
+    if carry_state:
+        for weight, old in zip(weights, old_bits, strict=True):
+            resurrected = weight.mask() & ~unpack_bits(old, weight.shape)
+            ctx.bridge.resu_phase.restart_state(
+                ctx.optimizer, weight, resurrected, config.carry_theta_state
+            )
+    counts = book.counts.tolist()  # the one host sync of the commit
+    _store_revived(weights, book.revived)
     layers = {}
-    for i, weight in enumerate(weights):
-        old = weight.mask()
-        if old is None:
-            old = torch.ones(weight.shape, dtype=torch.bool, device=weight.param.device)
-        n_keep = weight.keep_target
-        if n_keep is None:
-            n_keep = keep_count(weight.numel, target_sparsity)
-        trained = weight.selection()
-        reserved = 0
-        if scores is None:
-            new, active = old | trained, None
-        elif config.nm is not None:  # the pattern fixes every group's places: no quota
-            new = nm_mask(scores[i], *config.nm, input_dim=weight.input_dim or 1)
-            active = n_keep
-        else:
-            result = amnesty_mask(scores[i], old, n_keep, budget, weight.active_count())
-            new, active, reserved = result.mask, min(n_keep, weight.numel), result.n_reserved
-        resurrected = new & ~old
-        ctx.bridge.zero_coordinates(ctx.optimizer, weight.param, ~new)
-        ctx.bridge.resu_phase.restart_state(
-            ctx.optimizer, weight, resurrected, config.carry_theta_state
-        )
-        revived = (
-            unpack_bits(weight.revived_bits, weight.shape).to(new.device)
-            if weight.revived_bits is not None
-            else torch.zeros_like(new)
-        )
-        counts = [(~old).sum(), resurrected.sum(), (new ^ old).sum(), (revived & new).sum()]
-        counts.append((resurrected & trained).sum() if trained is not None else counts[1] * 0)
-        old_pruned, count, churn, survivors, trained_count = torch.stack(counts).tolist()
-        weight.set_mask(new, active)
-        weight.revived_bits = pack_bits(revived | resurrected).cpu()
+    for weight, active, quota, row in zip(weights, active_counts, quotas, counts, strict=True):
+        count, churn, survivors, trained_count = row
+        old_pruned = weight.numel - active
+        if not config.amnesty:  # the merge: every resurrected weight joins the old actives
+            weight.set_mask_bits(weight.mask_bits, active + count)
         weight.select_bits = None
         weight.theta_buffers.clear()
         layers[weight.name] = {
@@ -247,11 +304,73 @@ def commit_weights(
             "churn": churn,
             # Weights resurrected at earlier commits that are still active after this one.
             "survivors": survivors,
-            "reserved": reserved,
+            "reserved": quota.n_reserved if config.amnesty and config.nm is None else 0,
             "pruned_before": old_pruned,
             "budget": budget,
         }
     return layers
+
+
+def _tournaments(
+    config: ResuConfig,
+    weights: list[ManagedWeight],
+    old_bits: list[torch.Tensor],
+    quotas: list[AmnestyQuotas],
+) -> list[torch.Tensor]:
+    """Every layer's amnesty winners as packed bits: A and P compete apart for their places, then
+    any shortfall is filled from the rest of P, then from the rest of A (ties: lower index)."""
+    scores = [
+        w.param.data if config.amnesty_score == "magnitude" else _amnesty_scores(config, w)
+        for w in weights
+    ]
+    n = len(weights)
+    groups = topk_bits(
+        scores + scores,
+        [q.from_active for q in quotas] + [q.from_pruned for q in quotas],
+        [(bits, True) for bits in old_bits] + [(bits, False) for bits in old_bits],
+        magnitude=True,
+    )
+    winners = [groups[i] | groups[n + i] for i in range(n)]
+    for extra, from_pruned in (("extra_pruned", True), ("extra_active", False)):
+        short = [i for i, q in enumerate(quotas) if getattr(q, extra) > 0]
+        if not short:
+            continue
+        # Eligible: the group's coordinates that have not won yet.
+        eligible = [
+            (old_bits[i] | winners[i], False) if from_pruned else (old_bits[i] & ~winners[i], True)
+            for i in short
+        ]
+        found = topk_bits(
+            [scores[i] for i in short],
+            [getattr(quotas[i], extra) for i in short],
+            eligible,
+            magnitude=True,
+        )
+        for i, bits in zip(short, found, strict=True):
+            winners[i] = winners[i] | bits
+    return winners
+
+
+def _revived_on_device(
+    weights: list[ManagedWeight], old_bits: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each weight's ever-resurrected bits (kept in host memory) on the mask's device, in one
+    host-to-device copy."""
+    host = [
+        w.revived_bits if w.revived_bits is not None else torch.zeros_like(bits, device="cpu")
+        for w, bits in zip(weights, old_bits, strict=True)
+    ]
+    flat = torch.cat(host).to(old_bits[0].device) if host else torch.empty(0, dtype=torch.uint8)
+    return list(torch.split(flat, [t.numel() for t in host]))
+
+
+def _store_revived(weights: list[ManagedWeight], revived: list[torch.Tensor]) -> None:
+    """Back to host memory in one device-to-host copy (telemetry costs no device memory)."""
+    if not weights:
+        return
+    flat = torch.cat(revived).cpu()
+    for weight, bits in zip(weights, torch.split(flat, [t.numel() for t in revived]), strict=True):
+        weight.revived_bits = bits
 
 
 def _amnesty_scores(config: ResuConfig, weight: ManagedWeight) -> torch.Tensor:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from resu_compile.kernels.bits import unpack_bits
+from resu_compile.kernels.bits import pack_bits, unpack_bits
+from resu_compile.method.topk import topk_mask
 
 THETA_RULES = ("sgd", "momentum", "adamw")
 
@@ -273,3 +274,18 @@ def topk_threshold(values: torch.Tensor, k: int) -> float:
     if not 1 <= k <= n:
         raise ValueError(f"topk_threshold: k must be in [1, {n}], got {k}")
     return float(torch.kthvalue(flat, n - k + 1).values)
+
+
+def topk_bits(
+    scores: torch.Tensor,
+    k: int,
+    eligible: tuple[torch.Tensor, bool] | None = None,
+    magnitude: bool = False,
+) -> torch.Tensor:
+    """Reference of :func:`segmented_topk.topk_bits` for one tensor: ``topk_mask``, packed."""
+    values = scores.abs() if magnitude else scores
+    allowed = None
+    if eligible is not None:
+        bits = unpack_bits(eligible[0], scores.shape)
+        allowed = bits if eligible[1] else ~bits
+    return pack_bits(topk_mask(values, k, eligible=allowed))

@@ -47,6 +47,40 @@ def amnesty_scores(
     raise ValueError(f"amnesty_score: unknown score {score!r}")
 
 
+@dataclass(frozen=True)
+class AmnestyQuotas:
+    """How many places each group takes (host integers, so the tournament never waits on the
+    device): ``from_active`` of A, ``from_pruned`` of P, then the shortfall ``extra_pruned`` from
+    the rest of P and ``extra_active`` from the rest of A."""
+
+    n_keep: int
+    n_reserved: int
+    from_active: int
+    from_pruned: int
+    extra_pruned: int
+    extra_active: int
+
+    @property
+    def resurrected(self) -> int:
+        return self.from_pruned + self.extra_pruned
+
+
+def amnesty_quotas(numel: int, n_active: int, n_keep: int, budget: float) -> AmnestyQuotas:
+    """``n_R = int(r * n_keep)`` places reserved for previously pruned coordinates; actives compete
+    for ``n_A = n_keep - n_R``. A group too small to fill its places leaves a shortfall, filled
+    first from the rest of P, then from the rest of A."""
+    n_pruned = numel - n_active
+    n_keep = min(n_keep, numel)
+    n_reserved = int(budget * n_keep)
+    from_active = min(n_keep - n_reserved, n_active)
+    from_pruned = min(n_reserved, n_pruned)
+    shortfall = n_keep - from_active - from_pruned
+    extra_pruned = min(shortfall, n_pruned - from_pruned)
+    return AmnestyQuotas(
+        n_keep, n_reserved, from_active, from_pruned, extra_pruned, shortfall - extra_pruned
+    )
+
+
 def amnesty_mask(
     scores: torch.Tensor,
     old_mask: torch.Tensor,
@@ -54,30 +88,22 @@ def amnesty_mask(
     budget: float,
     active_count: int | None = None,
 ) -> AmnestyResult:
-    """The tournament: ``n_R = int(r * n_keep)`` places reserved for previously pruned coordinates.
+    """The tournament of one layer (:func:`amnesty_quotas`); ties go to the lower index.
 
-    Actives compete among themselves for ``n_A = n_keep - n_R`` places, pruned ones for ``n_R``.
-    A group too small to fill its places leaves a shortfall, filled first from the rest of P by
-    score, then from the rest of A. Ties go to the lower index. Group sizes are host integers
-    (``active_count`` = ``|A|``, counted if not given), so the tournament never waits on the device.
+    ``active_count`` is ``|A|`` (counted if not given).
     """
     old_pruned = ~old_mask
-    numel = old_mask.numel()
     n_active = int(old_mask.sum()) if active_count is None else active_count
-    n_pruned = numel - n_active
-    n_keep = min(n_keep, numel)
-    n_reserved = int(budget * n_keep)
-    from_active = min(n_keep - n_reserved, n_active)
-    from_pruned = min(n_reserved, n_pruned)
-    winners = topk_mask(scores, from_active, eligible=old_mask)
-    winners |= topk_mask(scores, from_pruned, eligible=old_pruned)
-    shortfall = n_keep - from_active - from_pruned
-    extra_pruned = min(shortfall, n_pruned - from_pruned)
-    if extra_pruned > 0:
-        winners |= topk_mask(scores, extra_pruned, eligible=old_pruned & ~winners)
-    extra_active = shortfall - extra_pruned
-    if extra_active > 0:
-        winners |= topk_mask(scores, extra_active, eligible=old_mask & ~winners)
+    quotas = amnesty_quotas(old_mask.numel(), n_active, n_keep, budget)
+    winners = topk_mask(scores, quotas.from_active, eligible=old_mask)
+    winners |= topk_mask(scores, quotas.from_pruned, eligible=old_pruned)
+    if quotas.extra_pruned > 0:
+        winners |= topk_mask(scores, quotas.extra_pruned, eligible=old_pruned & ~winners)
+    if quotas.extra_active > 0:
+        winners |= topk_mask(scores, quotas.extra_active, eligible=old_mask & ~winners)
     return AmnestyResult(
-        mask=winners, n_keep=n_keep, n_reserved=n_reserved, resurrected=from_pruned + extra_pruned
+        mask=winners,
+        n_keep=quotas.n_keep,
+        n_reserved=quotas.n_reserved,
+        resurrected=quotas.resurrected,
     )

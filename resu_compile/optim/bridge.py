@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from resu_compile.kernels.masked_zero import zero_where_clear_
 from resu_compile.optim.resu_phase import ResuPhaseStep
 from resu_compile.optim.updates import (
     HostSteps,
@@ -298,6 +299,26 @@ class OptimizerBridge:
         return carry + int(count.item())
 
     # -- transitions' helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def zero_where_pruned(
+        optimizer: torch.optim.Optimizer | None,
+        weights: list[ManagedWeight],
+        state_bits: list[torch.Tensor] | None = None,
+    ) -> None:
+        """Every weight, and every optimizer state tensor shaped like it, becomes 0 where its mask
+        bit is clear (the states: where their ``state_bits[i]`` bit is clear, when given). One
+        Triton launch per dtype on the GPU (:func:`zero_where_clear_`)."""
+        tensors, bits = [], []
+        for i, weight in enumerate(weights):
+            if weight.mask_bits is None:
+                continue
+            tensors.append(weight.param.data)
+            bits.append(weight.mask_bits)
+            for value in weight_shaped_state(optimizer, weight.param) if optimizer else []:
+                tensors.append(value)
+                bits.append(weight.mask_bits if state_bits is None else state_bits[i])
+        zero_where_clear_(tensors, bits)
 
     @staticmethod
     def zero_coordinates(
