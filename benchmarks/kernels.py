@@ -51,6 +51,7 @@ from triton.testing import do_bench
 from resu_compile.kernels import fused_update, inline_matmul
 from resu_compile.kernels.bits import pack_bits, unpack_bits
 from resu_compile.kernels.fused_update import (
+    ThetaAdamW,
     fused_masked_adam_,
     fused_masked_adam_multi_,
     fused_masked_sgd_,
@@ -126,6 +127,8 @@ def _update_cases(
         first_step=False,
     )
     theta_kw = dict(rule="adamw", lr=1e-4, step=10, exp_avg=m, exp_avg_sq=v, weight_decay=1e-2)
+    theta_sel = pack_bits(~mask & (torch.rand(shape, generator=gen, device="cuda") < 0.2))
+    rider = ThetaAdamW([theta_sel], lr=1e-4, step=10, weight_decay=1e-2)
     steps = torch.zeros((), dtype=torch.float32, device="cuda")
     return [
         (
@@ -147,6 +150,21 @@ def _update_cases(
             "theta AdamW, 20% selected",
             None,
             lambda: fused_theta_update_(p, g, sparse_sel, **theta_kw),
+        ),
+        (
+            "RESU step, one pass (AdamW + theta AdamW rider)",
+            7 * es * n + 2 * mask_bytes,
+            lambda: fused_masked_adam_multi_(
+                [p], [g], [m], [v], [bits], keep_pruned=True, theta=rider, **adam_kw
+            ),
+        ),
+        (
+            "RESU step, two passes (AdamW, then theta AdamW)",
+            None,
+            lambda: (
+                fused_masked_adam_(p, g, m, v, bits, keep_pruned=True, **adam_kw),
+                fused_theta_update_(p, g, theta_sel, **theta_kw),
+            ),
         ),
         (
             "torch _fused_adamw_ (dense, no mask)",

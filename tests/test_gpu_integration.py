@@ -7,6 +7,7 @@ import torch
 
 import resu_compile as resu
 import resu_compile.optim.updates as updates
+from resu_compile.optim.resu_phase import ResuPhaseStep
 from tests.invariants import CheckedStepper
 from tests.zoo import ZOO_BY_NAME
 
@@ -108,3 +109,20 @@ def test_every_method_option_keeps_the_invariants_on_cuda(dtype: torch.dtype, me
     )
     assert controller.phase is resu.Phase.DONE
     assert controller.history
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_theta_riding_on_the_actives_pass_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """The default RESU phase (trainable actives, AdamW theta in the optimizer's slots) runs one
+    fused pass; with the rider refused it runs two. Every weight must come out bit-identical."""
+    entry = ZOO_BY_NAME["transformer"]
+    one_pass, _ = _run(entry, dtype, OPTIMIZERS["adamw_fused"], "aot_eager", "optimizer")
+    torch._dynamo.reset()
+    monkeypatch.setattr(ResuPhaseStep, "rider", lambda self, optimizer, taken: None)
+    two_passes, _ = _run(entry, dtype, OPTIMIZERS["adamw_fused"], "aot_eager", "optimizer")
+    for (name, a), (_, b) in zip(
+        one_pass.named_parameters(), two_passes.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name

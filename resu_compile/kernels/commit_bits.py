@@ -69,7 +69,7 @@ def _commit_bits_kernel(
     survivor_count = tl.zeros((), dtype=tl.int32)
     trained_count = tl.zeros((), dtype=tl.int32)
     for i in range(CHUNK_BLOCKS):
-        _, _, byte_offs, row_inb = tile(chunk_start + i * BLOCK, n, BLOCK)
+        _offs, _inb, byte_offs, row_inb = tile(chunk_start + i * BLOCK, n, BLOCK)
         old = tl.load(old_ptr + byte_offs, mask=row_inb, other=0).to(tl.int32)
         new = tl.load(new_ptr + byte_offs, mask=row_inb, other=0).to(tl.int32)
         trained = tl.load(trained_ptr + byte_offs, mask=row_inb, other=0).to(tl.int32)

@@ -183,6 +183,7 @@ def _adam_block(
     m_ptr,
     v_ptr,
     mask_ptr,
+    sel_ptr,
     start,
     n,
     lerp_w,
@@ -193,14 +194,19 @@ def _adam_block(
     decay,
     neg_step_size,
     bc2_sqrt,
+    theta_scalars,
     HAS_MASK: tl.constexpr,
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     KEEP_PRUNED: tl.constexpr,
+    THETA: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
+    """Adam on the active coordinates; with ``THETA`` (the RESU phase with trainable actives, in
+    one pass) also theta's AdamW on the selected pruned ones, whose eight scalars (same order as
+    the actives' own) ``theta_scalars`` points to; other pruned coordinates keep their bits."""
     offs, inb = _tile(start, n, BLOCK, VEC)
     active = inb
     if HAS_MASK:
@@ -211,6 +217,17 @@ def _adam_block(
     v = tl.load(v_ptr + offs, mask=inb).to(tl.float32)
     if MAXIMIZE:
         g = -g
+    update = active
+    if THETA:  # each coordinate takes its own rule's scalars: the same arithmetic as two passes
+        update = active | _tile_bits(sel_ptr, start, n, BLOCK, VEC)
+        lerp_w = tl.where(active, lerp_w, tl.load(theta_scalars))
+        beta2 = tl.where(active, beta2, tl.load(theta_scalars + 1))
+        one_minus_beta2 = tl.where(active, one_minus_beta2, tl.load(theta_scalars + 2))
+        eps = tl.where(active, eps, tl.load(theta_scalars + 3))
+        weight_decay = tl.where(active, weight_decay, tl.load(theta_scalars + 4))
+        decay = tl.where(active, decay, tl.load(theta_scalars + 5))
+        neg_step_size = tl.where(active, neg_step_size, tl.load(theta_scalars + 6))
+        bc2_sqrt = tl.where(active, bc2_sqrt, tl.load(theta_scalars + 7))
     p, m, v = _adam_math(
         p,
         g,
@@ -227,9 +244,9 @@ def _adam_block(
         HAS_WD,
         DECOUPLED,
     )
-    _store_active(param_ptr, offs, inb, active, p, KEEP_PRUNED)
-    _store_active(m_ptr, offs, inb, active, m, KEEP_PRUNED)
-    _store_active(v_ptr, offs, inb, active, v, KEEP_PRUNED)
+    _store_active(param_ptr, offs, inb, update, p, KEEP_PRUNED)
+    _store_active(m_ptr, offs, inb, update, m, KEEP_PRUNED)
+    _store_active(v_ptr, offs, inb, update, v, KEEP_PRUNED)
 
 
 @triton.jit
@@ -386,6 +403,7 @@ def _masked_adam_kernel(
         m_ptr,
         v_ptr,
         mask_ptr,
+        mask_ptr,
         tl.program_id(0).to(tl.int64) * BLOCK,
         n,
         lerp_w,
@@ -396,11 +414,13 @@ def _masked_adam_kernel(
         decay,
         neg_step_size,
         bc2_sqrt,
+        found_inf_ptr,
         HAS_MASK,
         HAS_WD,
         DECOUPLED,
         MAXIMIZE,
         KEEP_PRUNED,
+        False,
         BLOCK,
         VEC,
     )
@@ -571,17 +591,20 @@ def _masked_adam_multi_kernel(
     neg_step_size,
     bc2_sqrt,
     found_inf_ptr,
+    theta_scalars,
     HAS_MASK: tl.constexpr,
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     KEEP_PRUNED: tl.constexpr,
+    THETA: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """Address rows: param, grad, exp_avg, exp_avg_sq, then the mask bits if HAS_MASK."""
+    """Address rows: param, grad, exp_avg, exp_avg_sq, then the mask bits if HAS_MASK, then the
+    select bits if THETA."""
     skip = False  # a constexpr: no branch at all without found_inf
     if HAS_FOUND_INF:  # loaded alongside the block table; skips before any weight or state
         skip = tl.load(found_inf_ptr) != 0
@@ -590,15 +613,19 @@ def _masked_adam_multi_kernel(
         return
     dtype = param0_ptr.dtype.element_ty
     param_ptr = _multi_ptr(addrs_ptr, 0, n_tensors, t, dtype, ALIGNED)
-    mask_ptr = param_ptr  # stand-in when there is no mask: never dereferenced
+    mask_ptr = param_ptr  # stand-ins when there is no mask or selection: never dereferenced
+    sel_ptr = param_ptr
     if HAS_MASK:
         mask_ptr = _multi_ptr(addrs_ptr, 4, n_tensors, t, tl.uint8, False)
+    if THETA:
+        sel_ptr = _multi_ptr(addrs_ptr, 5, n_tensors, t, tl.uint8, False)
     _adam_block(
         param_ptr,
         _multi_ptr(addrs_ptr, 1, n_tensors, t, grad0_ptr.dtype.element_ty, ALIGNED),
         _multi_ptr(addrs_ptr, 2, n_tensors, t, dtype, ALIGNED),
         _multi_ptr(addrs_ptr, 3, n_tensors, t, dtype, ALIGNED),
         mask_ptr,
+        sel_ptr,
         start,
         n,
         lerp_w,
@@ -609,11 +636,13 @@ def _masked_adam_multi_kernel(
         decay,
         neg_step_size,
         bc2_sqrt,
+        theta_scalars,
         HAS_MASK,
         HAS_WD,
         DECOUPLED,
         MAXIMIZE,
         KEEP_PRUNED,
+        THETA,
         BLOCK,
         VEC,
     )
@@ -1100,6 +1129,26 @@ def fused_masked_sgd_multi_(
     )
 
 
+class ThetaAdamW(NamedTuple):
+    """Theta's AdamW on the selected pruned coordinates (METHOD.md section 4), for
+    :func:`fused_masked_adam_multi_` to apply in the same pass as the actives' own step."""
+
+    select_bits: Sequence[torch.Tensor]
+    lr: float
+    step: int
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def scalars(self, device: torch.device) -> torch.Tensor:
+        """The eight fp32 scalars the kernel reads, in the order of the actives' own."""
+        s = _adam_scalars(self.step, self.lr, self.beta1, self.beta2, self.weight_decay)
+        values = [1 - self.beta1, s["beta2"], s["one_minus_beta2"], self.eps, self.weight_decay]
+        values += [s["decay"], s["neg_step_size"], s["bc2_sqrt"]]
+        return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+
+
 def fused_masked_adam_multi_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -1117,20 +1166,38 @@ def fused_masked_adam_multi_(
     maximize: bool,
     found_inf: torch.Tensor | None = None,
     keep_pruned: bool = False,
+    theta: ThetaAdamW | None = None,
 ) -> None:
     """:func:`fused_masked_adam_` on every ``(params[i], grads[i], ...)`` in one launch (lists as in
-    :func:`fused_masked_sgd_multi_`)."""
+    :func:`fused_masked_sgd_multi_`).
+
+    With ``theta`` (and ``keep_pruned``), the selected pruned coordinates take theta's AdamW in the
+    same pass, reading and writing the same state tensors: bit for bit this call without ``theta``
+    followed by :func:`fused_theta_update_multi_` (rule ``adamw``), for one read and write of every
+    tensor instead of two. The actives' weight decay must then be decoupled (or zero), and
+    ``maximize`` off.
+    """
     scalars = _adam_scalars(step, lr, beta1, beta2, weight_decay)
     _check_found_inf("fused_masked_adam_multi_", found_inf, _device_of(params))
-    launch = _multi_launch(
-        "fused_masked_adam_multi_",
-        params,
-        grads,
-        [exp_avgs, exp_avg_sqs],
-        [] if mask_bits is None else [mask_bits],
-    )
+    if theta is not None and (
+        not keep_pruned
+        or mask_bits is None
+        or maximize
+        or (weight_decay != 0 and not decoupled_weight_decay)
+    ):
+        raise ValueError(
+            "fused_masked_adam_multi_: theta needs keep_pruned=True, mask_bits, maximize=False "
+            "and decoupled (or zero) weight decay"
+        )
+    bits = [] if mask_bits is None else [mask_bits]
+    if theta is not None:
+        bits.append(theta.select_bits)
+    launch = _multi_launch("fused_masked_adam_multi_", params, grads, [exp_avgs, exp_avg_sqs], bits)
     if launch is None:
         return
+    # Theta's per-coordinate scalars cost registers: half the elements per thread keeps them
+    # from spilling.
+    num_warps = launch.num_warps * (2 if theta is not None else 1)
     _masked_adam_multi_kernel[(launch.n_blocks,)](
         launch.addrs,
         launch.n_tensors,
@@ -1147,16 +1214,18 @@ def fused_masked_adam_multi_(
         scalars["neg_step_size"],
         scalars["bc2_sqrt"],
         found_inf,
+        None if theta is None else theta.scalars(params[0].device),
         HAS_MASK=mask_bits is not None,
-        HAS_WD=weight_decay != 0,
-        DECOUPLED=bool(decoupled_weight_decay),
+        HAS_WD=weight_decay != 0 or (theta is not None and theta.weight_decay != 0),
+        DECOUPLED=bool(decoupled_weight_decay) or theta is not None,
         MAXIMIZE=bool(maximize),
         HAS_FOUND_INF=found_inf is not None,
         KEEP_PRUNED=bool(keep_pruned),
+        THETA=theta is not None,
         ALIGNED=launch.aligned,
         BLOCK=launch.block,
         VEC=launch.vec,
-        num_warps=launch.num_warps,
+        num_warps=num_warps,
     )
 
 

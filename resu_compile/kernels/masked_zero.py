@@ -47,7 +47,7 @@ def _zero_where_clear_kernel(
     CHUNK_BLOCKS: tl.constexpr,
 ):
     """Address rows: the tensors, then their packed bits."""
-    _, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
+    _pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
     ptr = segment_ptr(addrs_ptr, 0, n_segments, seg, DTYPE)
     bits_ptr = segment_ptr(addrs_ptr, 1, n_segments, seg, tl.uint8)
     for i in range(CHUNK_BLOCKS):

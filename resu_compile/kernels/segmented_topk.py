@@ -7,10 +7,9 @@ pay more in launches and in ``torch.topk``'s own passes than in reading the scor
 weights are *segments* of one problem, and the answer comes back as packed bits (the mask format of
 :mod:`resu_compile.kernels.bits`), so nothing is unpacked or re-packed:
 
-1. Three histogram passes find every segment's exact k-th largest key, 11, 11 and 10 bits at a
-   time (keys are the order-preserving ``uint32`` images of the fp32 scores, as in
+1. Four histogram passes find every segment's exact k-th largest key, 8 bits at a time (keys are the order-preserving ``uint32`` images of the fp32 scores, as in
    :mod:`resu_compile.kernels.select`). One launch per pass serves every segment; between passes a
-   few tensor ops on the ``[segments, 2048]`` histogram pick each segment's bin on the device, so
+   few tensor ops on the ``[segments, 256]`` histogram pick each segment's bin on the device, so
    nothing waits for the host.
 2. One pass counts, per chunk, the ties at the k-th key; an exclusive scan gives each chunk the
    number of ties before it within its segment.
@@ -48,13 +47,15 @@ from resu_compile.kernels.segments import (
     tile_bits,
 )
 
-# Digit widths of the three passes over a 32-bit key, most significant first.
-DIGITS = (11, 11, 10)
+# Digit widths of the passes over a 32-bit key, most significant first. ``tl.histogram``'s cost
+# grows with its bin count: on an H100, 2048 bins ran at ~30G keys/s, well under the bandwidth of
+# the reads; 256 bins per pass keep each pass near it, for one pass more.
+DIGITS = (8, 8, 8, 8)
 ALL_ELIGIBLE, ELIGIBLE_WHERE_SET, ELIGIBLE_WHERE_CLEAR = 0, 1, 2
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _NO_KEY = 1 << 32  # above every key: the k-th key of a segment that keeps nothing
 # Address rows: scores, eligibility bits, outputs.
-_SCORES, _ELIGIBLE, _OUT = 0, 1, 2
+_SCORES, _ELIGIBLE, _OUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -108,12 +109,12 @@ def _histogram_kernel(
     """Histogram of digit ``(key >> shift) & (2**DIGIT_BITS - 1)`` of the chunk's eligible keys
     whose higher bits equal the segment's prefix, added into the segment's row of ``hist``."""
     NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
-    _, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
+    _pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
     mode = tl.load(modes_ptr + seg)
     prefix = tl.load(prefix_ptr + seg)
     counts = tl.zeros([NUM_BINS], dtype=tl.int32)
     for i in range(CHUNK_BLOCKS):
-        key, ok, _, _ = _tile_keys(
+        key, ok, _bytes, _rows = _tile_keys(
             addrs_ptr, n_segments, seg, chunk_start + i * BLOCK, n, mode, DTYPE, MAGNITUDE, BLOCK
         )
         if HAS_PREFIX:
@@ -143,7 +144,7 @@ def _tie_count_kernel(
     kth = tl.load(kth_ptr + seg)
     ties = tl.zeros((), dtype=tl.int32)
     for i in range(CHUNK_BLOCKS):
-        key, ok, _, _ = _tile_keys(
+        key, ok, _bytes, _rows = _tile_keys(
             addrs_ptr, n_segments, seg, chunk_start + i * BLOCK, n, mode, DTYPE, MAGNITUDE, BLOCK
         )
         ties += tl.sum(tl.sum((ok & (key == kth)).to(tl.int32), 1), 0)

@@ -78,7 +78,7 @@ def _write_theta_kernel(
 ):
     """``W = where(S, scale * noise, where(M, W, 0))``. Address rows: weights, masks, selections,
     fp32 noise."""
-    _, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
+    _pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
     ptr = segment_ptr(addrs_ptr, 0, n_segments, seg, DTYPE)
     mask_ptr = segment_ptr(addrs_ptr, 1, n_segments, seg, tl.uint8)
     select_ptr = segment_ptr(addrs_ptr, 2, n_segments, seg, tl.uint8)

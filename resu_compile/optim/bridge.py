@@ -20,6 +20,7 @@ from resu_compile.kernels.masked_zero import zero_where_clear_
 from resu_compile.optim.resu_phase import ResuPhaseStep
 from resu_compile.optim.updates import (
     HostSteps,
+    ThetaRider,
     masked_update,
     preserves_zeros,
     update_rule,
@@ -237,7 +238,11 @@ class OptimizerBridge:
             self._remask_fallback(optimizer)
             return
         if self._plans:  # freeze_active=False: actives step as in a sparse phase, theta kept
-            self._masked_update(optimizer, kernel, keep_pruned=True)
+            rider = None
+            if not self._fallback and len(kernel) == len(taken):
+                rider = self.resu_phase.rider(optimizer, taken)
+            if self._masked_update(optimizer, kernel, keep_pruned=True, theta=rider):
+                return  # theta stepped in the same pass
             self._remask_fallback(optimizer)
             for weight in self._fallback:
                 values = self._theta_copies[id(weight.param)]
@@ -249,13 +254,18 @@ class OptimizerBridge:
         optimizer: torch.optim.Optimizer,
         taken: list[tuple[ManagedWeight, torch.Tensor]],
         keep_pruned: bool = False,
-    ) -> None:
-        """One batched masked update per param group (the "kernel" plan)."""
+        theta: ThetaRider | None = None,
+    ) -> bool:
+        """One batched masked update per param group (the "kernel" plan); with ``theta``, returns
+        whether theta's step rode along in every group (else none of it ran)."""
         by_group: dict[int, list[tuple[ManagedWeight, torch.Tensor]]] = {}
         for weight, grad in taken:
             by_group.setdefault(id(self._groups[id(weight.param)]), []).append((weight, grad))
+        if theta is not None and len(by_group) != 1:
+            theta = None  # all or nothing: theta's step is one rule across groups
+        rode = False
         for members in by_group.values():
-            masked_update(
+            rode = masked_update(
                 optimizer,
                 self._groups[id(members[0][0].param)],
                 [w.param for w, _ in members],
@@ -264,7 +274,9 @@ class OptimizerBridge:
                 self._host_steps,
                 self._found_inf,
                 keep_pruned,
+                theta,
             )
+        return rode
 
     def _remask_fallback(self, optimizer: torch.optim.Optimizer) -> None:
         for weight in self._fallback:

@@ -21,7 +21,7 @@ import torch
 
 from resu_compile.kernels.bits import pack_bits
 from resu_compile.method.consistency import select_consistent, update_statistics_
-from resu_compile.optim.updates import theta_update, weight_shaped_state
+from resu_compile.optim.updates import ThetaRider, theta_update, weight_shaped_state
 
 if TYPE_CHECKING:
     from resu_compile.phases import PhaseController
@@ -102,14 +102,7 @@ class ResuPhaseStep:
         controller = self._controller
         config = controller.config
         first_step = controller.resu_steps == 0
-        if first_step:
-            # The shared slots hold 0 on P in sparse phases; make sure whatever they held is gone.
-            for weight, _ in taken:
-                if weight.mask_bits is not None and self._shares_slots(weight):
-                    pruned = ~weight.mask()
-                    for slot in optimizer_slots(optimizer, weight):
-                        if slot is not None:
-                            slot.masked_fill_(pruned, 0)
+        self._clear_shared_slots(optimizer, taken)
         grads, bits, moments = [], [], []
         for weight, grad in taken:
             moment_pair = self.theta_moments(optimizer, weight)
@@ -139,6 +132,48 @@ class ResuPhaseStep:
             weight_decay=config.theta_weight_decay,
             found_inf=found_inf,
         )
+
+    def rider(
+        self, optimizer: torch.optim.Optimizer, taken: list[tuple[ManagedWeight, torch.Tensor]]
+    ) -> ThetaRider | None:
+        """This step's theta update, offered to ride on the actives' masked Adam (one pass over
+        every tensor instead of two), or None where it cannot: it must be AdamW on the user's own
+        slots, with S fixed for the phase (``random`` or ``all`` selection)."""
+        config = self._controller.config
+        if config.theta_optimizer != "adamw" or config.selection not in ("random", "all"):
+            return None
+        for weight, _ in taken:
+            first, second = optimizer_slots(optimizer, weight)
+            if (
+                weight.select_bits is None
+                or not self._shares_slots(weight)
+                or first is None
+                or second is None
+            ):
+                return None
+        self._clear_shared_slots(optimizer, taken)
+        return ThetaRider(
+            {id(w.param): w.select_bits for w, _ in taken},  # type: ignore[misc]
+            lr=config.theta_lr,
+            step=self._controller.resu_steps + 1,
+            beta1=config.theta_betas[0],
+            beta2=config.theta_betas[1],
+            weight_decay=config.theta_weight_decay,
+        )
+
+    def _clear_shared_slots(
+        self, optimizer: torch.optim.Optimizer, taken: list[tuple[ManagedWeight, torch.Tensor]]
+    ) -> None:
+        """At the phase's first step: the shared slots hold 0 on P in sparse phases; make sure
+        whatever they held is gone (idempotent, so the rider and the step may both call it)."""
+        if self._controller.resu_steps != 0:
+            return
+        for weight, _ in taken:
+            if weight.mask_bits is not None and self._shares_slots(weight):
+                pruned = ~weight.mask()
+                for slot in optimizer_slots(optimizer, weight):
+                    if slot is not None:
+                        slot.masked_fill_(pruned, 0)
 
     def _reselects(self, first_step: bool) -> bool:
         refresh = self._controller.config.refresh

@@ -12,6 +12,7 @@ On CUDA the fused Triton kernels run; elsewhere the pure-PyTorch references (the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -116,6 +117,19 @@ class HostSteps:
         return value + 1
 
 
+@dataclass(frozen=True)
+class ThetaRider:
+    """Theta's AdamW step on S (METHOD.md section 4), offered to :func:`masked_update` to run in
+    the same pass as the actives' Adam step when one fused launch serves them both."""
+
+    select_bits: dict[int, torch.Tensor]  # by id(param)
+    lr: float
+    step: int
+    beta1: float
+    beta2: float
+    weight_decay: float
+
+
 def masked_update(
     optimizer: torch.optim.Optimizer,
     group: dict[str, Any],
@@ -125,13 +139,18 @@ def masked_update(
     host_steps: HostSteps,
     found_inf: torch.Tensor | None = None,
     keep_pruned: bool = False,
-) -> None:
+    theta: ThetaRider | None = None,
+) -> bool:
     """One optimizer step of ``group``'s managed ``params``: active coordinates as torch.optim
     steps them, pruned ones exactly 0 (or, ``keep_pruned``, untouched: the RESU phase keeps theta
     and its moments there). One fused launch for all of them on CUDA where possible.
 
     ``found_inf`` (a device flag) makes the kernels leave everything as it was; Adam's step
     counter still advances on such a step (the kernels cannot tell the host without a sync).
+
+    ``theta`` (with ``keep_pruned``) asks for theta's AdamW on S in the same launch; returns
+    whether it ran (only Adam / AdamW with decoupled or no weight decay, no ``maximize``, all on
+    one CUDA launch), else the caller still owes the theta step.
     """
     rule = update_rule(optimizer, group)
     states = [optimizer.state[p] for p in params]
@@ -169,7 +188,7 @@ def masked_update(
                 keep_pruned=keep_pruned,
                 **hyper,
             )
-        return
+        return False
     if rule == "adam":
         for param, state in zip(params, states, strict=True):
             if not state:
@@ -191,8 +210,18 @@ def masked_update(
             ),
             "maximize": bool(group["maximize"]),
         }
+        rider = (
+            keep_pruned
+            and theta is not None
+            and _rides(theta, hyper, params, grads, states, mask_bits)
+        )
         for step in sorted(set(steps)):  # a launch per step count (they differ only rarely)
             pick = [i for i, s in enumerate(steps) if s == step]
+            if rider:
+                _fused_with_theta(
+                    theta, pick, params, grads, states, mask_bits, hyper, step, found_inf
+                )
+                continue
             _run(
                 "masked_adam_",
                 {
@@ -207,9 +236,62 @@ def masked_update(
                 keep_pruned=keep_pruned,
                 **hyper,
             )
-        return
+        return rider
     raise ValueError(
         f"masked_update: {type(optimizer).__name__} has no masked kernel; use the fallback"
+    )
+
+
+def _rides(
+    theta: ThetaRider,
+    hyper: dict[str, Any],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    mask_bits: list[torch.Tensor | None],
+) -> bool:
+    """Whether theta's step can share the actives' fused launch."""
+    if hyper["maximize"] or (hyper["weight_decay"] != 0 and not hyper["decoupled_weight_decay"]):
+        return False
+    selections = [theta.select_bits.get(id(p)) for p in params]
+    if any(b is None for b in [*mask_bits, *selections]):
+        return False
+    moments = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states]
+    return _batched(params, grads, moments, mask_bits, selections)  # type: ignore[arg-type]
+
+
+def _fused_with_theta(
+    theta: ThetaRider,
+    pick: list[int],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    mask_bits: list[torch.Tensor | None],
+    hyper: dict[str, Any],
+    step: int,
+    found_inf: torch.Tensor | None,
+) -> None:
+    from resu_compile.kernels.fused_update import ThetaAdamW, fused_masked_adam_multi_
+
+    rider = ThetaAdamW(
+        [theta.select_bits[id(params[i])] for i in pick],
+        lr=theta.lr,
+        step=theta.step,
+        beta1=theta.beta1,
+        beta2=theta.beta2,
+        weight_decay=theta.weight_decay,
+    )
+    fused_masked_adam_multi_(
+        [params[i] for i in pick],
+        [grads[i] for i in pick],
+        [states[i]["exp_avg"] for i in pick],
+        [states[i]["exp_avg_sq"] for i in pick],
+        [mask_bits[i] for i in pick],  # type: ignore[misc]
+        step=step,
+        found_inf=found_inf,
+        keep_pruned=True,
+        theta=rider,
+        **hyper,
     )
 
 
