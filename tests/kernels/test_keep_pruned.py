@@ -83,7 +83,8 @@ def test_keep_pruned_gpu(rule: str, multi: bool, dtype: torch.dtype) -> None:
 
 
 def _theta_rides(dtype: torch.dtype, device: str, user_wd: float, theta_wd: float) -> None:
-    """Theta's AdamW riding on the actives' pass equals the two passes bit for bit."""
+    """Theta's AdamW riding on the actives' pass equals the two passes: bit for bit in the
+    interpreter, within rounding on the GPU."""
     gen = torch.Generator().manual_seed(5)
     shapes = [(5, 37, 23), (64, 33), (3,)]
     masks = [torch.rand(s, generator=gen) < 0.5 for s in shapes]
@@ -111,7 +112,11 @@ def _theta_rides(dtype: torch.dtype, device: str, user_wd: float, theta_wd: floa
         two[0], grads, select_bits, rule="adamw", exp_avgs=two[1], exp_avg_sqs=two[2], **theta
     )
     for row_one, row_two in zip(one, two, strict=True):
-        assert all(torch.equal(a, b) for a, b in zip(row_one, row_two, strict=True))
+        for a, b in zip(row_one, row_two, strict=True):
+            if device == "cpu":  # the interpreter: the very same arithmetic
+                assert torch.equal(a, b)
+            else:  # compiled, per-coordinate scalars may contract into FMAs differently
+                torch.testing.assert_close(a, b, **TOL[dtype])
 
 
 @pytest.mark.parametrize(("user_wd", "theta_wd"), [(0.1, 0.0), (0.0, 0.05), (0.01, 0.02)])
