@@ -111,22 +111,37 @@ def test_every_method_option_keeps_the_invariants_on_cuda(dtype: torch.dtype, me
     assert controller.history
 
 
+def _after_first_resu_step(monkeypatch: pytest.MonkeyPatch, rider: bool) -> torch.nn.Module:
+    """The zoo transformer trained (seeded) up to and including its first RESU step."""
+    torch._dynamo.reset()
+    if not rider:
+        monkeypatch.setattr(ResuPhaseStep, "rider", lambda self, optimizer, taken: None)
+    entry = ZOO_BY_NAME["transformer"]
+    torch.manual_seed(0)
+    model = entry.build().cuda()
+    compiled = resu.compile(
+        model, sparsity=0.7, cycles=2, steps_per_cycle=10, compiler="aot_eager",
+        gradient_mask="optimizer",
+    )  # fmt: skip
+    optimizer = OPTIMIZERS["adamw_fused"](model.parameters())
+    step = 0
+    while compiled.resu.resu_steps < 1:
+        batch = tuple(t.cuda() for t in entry.make_batch(step))
+        optimizer.zero_grad(set_to_none=True)
+        entry.loss_fn(compiled(*batch)).float().backward()
+        compiled.resu.step(optimizer)
+        step += 1
+    return model
+
+
 def test_theta_riding_on_the_actives_pass_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default RESU phase (trainable actives, AdamW theta in the optimizer's slots) runs one
-    fused pass; with the rider refused it runs two. Same masks, weights within fp32 rounding (the
-    compiled kernels may contract the per-coordinate scalars into FMAs differently)."""
-    entry = ZOO_BY_NAME["transformer"]
-    one_pass, fused = _run(
-        entry, torch.float32, OPTIMIZERS["adamw_fused"], "aot_eager", "optimizer"
-    )
-    torch._dynamo.reset()
-    monkeypatch.setattr(ResuPhaseStep, "rider", lambda self, optimizer, taken: None)
-    two_passes, plain = _run(
-        entry, torch.float32, OPTIMIZERS["adamw_fused"], "aot_eager", "optimizer"
-    )
-    for name, mask in fused.masks().items():
-        assert torch.equal(mask, plain.masks()[name]), name
+    fused pass; with the rider refused it runs two. After the same first RESU step every weight
+    agrees within fp32 rounding (the compiled kernels may contract the per-coordinate scalars
+    into FMAs differently; over a whole run such differences could flip near-ties at a commit)."""
+    one_pass = _after_first_resu_step(monkeypatch, rider=True)
+    two_passes = _after_first_resu_step(monkeypatch, rider=False)
     for (name, a), (_, b) in zip(
         one_pass.named_parameters(), two_passes.named_parameters(), strict=True
     ):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
