@@ -90,6 +90,9 @@ def amnesty_mask(
 ) -> AmnestyResult:
     """The tournament of one layer (:func:`amnesty_quotas`); ties go to the lower index.
 
+    The commit runs every layer's tournament at once (``transitions.commit_weights``); this
+    one-layer form is the rule as METHOD.md states it, and the oracle the tests hold it to.
+
     ``active_count`` is ``|A|`` (counted if not given).
     """
     old_pruned = ~old_mask

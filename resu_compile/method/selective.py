@@ -17,6 +17,9 @@ def select_trainable(
 ) -> tuple[torch.Tensor, int]:
     """Bool mask of S within ``pruned`` (METHOD.md section 4), and ``|S|``.
 
+    RESU entry draws S for every weight at once (``transitions.enter_resu_weights``, the same
+    rule); ``topk`` re-selection during the phase calls this per weight.
+
     - ``all`` and ``consistency``: ``S = P`` (consistency picks its per-step subset of S itself).
     - ``topk``: the ``int(alpha * |P|)`` coordinates of P with the largest ``|gradient|``.
     - ``random``: exactly ``int(alpha * |P|)`` coordinates of P, uniformly at random, drawn once
