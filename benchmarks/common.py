@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +31,13 @@ def environment() -> dict[str, Any]:
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def timed_ms(fn: Callable[[], object]) -> float:
+    """Wall-clock milliseconds of ``fn`` from an idle GPU to its work done (synchronised on both
+    sides): what a caller waits for a step or a transition."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3

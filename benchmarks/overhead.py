@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, timed_ms, write_json
 from benchmarks.models import GPT, GPT2_SMALL, VIT_BASE, ViT
 
 SPARSITY = 0.7
@@ -107,21 +106,13 @@ class Trainer:
             self.compiled(inputs)
 
 
-def _timed(fn: Callable[[], None]) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
-
-
 def _measure(fn: Callable[[], None], steps: int, warmup: int = 5) -> dict[str, float]:
     """Median ms of ``steps`` synchronised calls after ``warmup``, and the peak memory they reach."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = [_timed(fn) for _ in range(steps)]
+    times = [timed_ms(fn) for _ in range(steps)]
     return {
         "ms": statistics.median(times),
         "ms_spread": (max(times) - min(times)) / 2,
@@ -133,11 +124,11 @@ def _transition(fn: Callable[[], None], name: str) -> float:
     """Milliseconds of one transition; with $RESU_PROFILE_DIR set, also a profiler table of it."""
     profile_dir = os.environ.get("RESU_PROFILE_DIR")
     if not profile_dir:
-        return _timed(fn)
+        return timed_ms(fn)
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:
-        ms = _timed(fn)
+        ms = timed_ms(fn)
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
     Path(profile_dir, f"{name}.txt").write_text(table)
     return ms
@@ -156,7 +147,7 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     """Everything measured for one (model, mode) in this process."""
     trainer = Trainer(model_name, mode)
     result: dict[str, Any] = {"model": model_name, "mode": mode}
-    result["compile_s"] = _timed(trainer.step) / 1e3  # first step: Dynamo + Inductor, fw and bw
+    result["compile_s"] = timed_ms(trainer.step) / 1e3  # first step: Dynamo + Inductor, fw and bw
     if mode == "dense":
         result["phases"] = {
             "dense": _measure(trainer.step, steps),
@@ -177,7 +168,7 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     phases["resu"] = _measure(trainer.step, steps)
     transitions["commit"] = _transition(controller.commit, f"{model_name}-commit") * per_100m
     with controller.calibrate():
-        result["calibrate_compile_s"] = _timed(trainer.forward_only) / 1e3
+        result["calibrate_compile_s"] = timed_ms(trainer.forward_only) / 1e3
         phases["calibrate (forward)"] = _measure(trainer.forward_only, steps)
     result.update(_dynamo_counts())
     # Steady state: a full cycle through every variant must compile nothing new.
@@ -211,8 +202,8 @@ def _interleaved(
     mine: list[float] = []
     theirs: list[float] = []
     for _ in range(rounds):
-        mine += [_timed(ours) for _ in range(block)]
-        theirs += [_timed(dense) for _ in range(block)]
+        mine += [timed_ms(ours) for _ in range(block)]
+        theirs += [timed_ms(dense) for _ in range(block)]
     ms, dense_ms = statistics.median(mine), statistics.median(theirs)
     return {"ms": ms, "dense_ms": dense_ms, "ratio": ms / dense_ms}
 
@@ -227,11 +218,11 @@ def _interleaved_phases(model_name: str, trainer: Trainer) -> dict[str, Any]:
     baseline.step()  # compile
     controller = trainer.compiled.resu
     per_100m = 1e8 / sum(w.numel for w in controller.state)
-    steady = {"prune": _timed(lambda: controller.prune(SPARSITY)) * per_100m}
+    steady = {"prune": timed_ms(lambda: controller.prune(SPARSITY)) * per_100m}
     out: dict[str, Any] = {"sparse": _interleaved(trainer.step, baseline.step)}
-    steady["enter_resu"] = _timed(controller.enter_resu) * per_100m
+    steady["enter_resu"] = timed_ms(controller.enter_resu) * per_100m
     out["resu"] = _interleaved(trainer.step, baseline.step)
-    steady["commit"] = _timed(controller.commit) * per_100m
+    steady["commit"] = timed_ms(controller.commit) * per_100m
     with controller.calibrate():
         out["calibrate (forward)"] = _interleaved(trainer.forward_only, baseline.forward_only)
     out["transitions_steady_ms_per_100M"] = steady

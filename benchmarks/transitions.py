@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, timed_ms, write_json
 from resu_compile.config import ResuConfig
 from resu_compile.phases import PhaseController
 
@@ -70,24 +69,16 @@ def _fake_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimize
     optimizer.zero_grad(set_to_none=True)
 
 
-def _timed(fn: Callable[[], None]) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
-
-
 def _cycle(controller: PhaseController, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """One prune / RESU entry / commit, each timed; a step between entry and commit."""
     params = [w.param for w in controller.state]
-    times = {"prune": _timed(lambda: controller.prune(SPARSITY))}
-    times["enter_resu"] = _timed(controller.enter_resu)
+    times = {"prune": timed_ms(lambda: controller.prune(SPARSITY))}
+    times["enter_resu"] = timed_ms(controller.enter_resu)
     for param in params:
         param.grad = torch.randn_like(param) * 1e-3
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    times["commit"] = _timed(controller.commit)
+    times["commit"] = timed_ms(controller.commit)
     return times
 
 
