@@ -360,15 +360,19 @@ def _revived_on_device(
         w.revived_bits if w.revived_bits is not None else torch.zeros_like(bits, device="cpu")
         for w, bits in zip(weights, old_bits, strict=True)
     ]
-    flat = torch.cat(host).to(old_bits[0].device) if host else torch.empty(0, dtype=torch.uint8)
-    return list(torch.split(flat, [t.numel() for t in host]))
+    if not host:
+        return []
+    flat = torch.cat(host).to(old_bits[0].device)
+    # A model spread over several devices: each weight's bits go where its mask lives.
+    parts = torch.split(flat, [t.numel() for t in host])
+    return [part.to(bits.device) for part, bits in zip(parts, old_bits, strict=True)]
 
 
 def _store_revived(weights: list[ManagedWeight], revived: list[torch.Tensor]) -> None:
     """Back to host memory in one device-to-host copy (telemetry costs no device memory)."""
     if not weights:
         return
-    flat = torch.cat(revived).cpu()
+    flat = torch.cat([bits.to(revived[0].device) for bits in revived]).cpu()
     for weight, bits in zip(weights, torch.split(flat, [t.numel() for t in revived]), strict=True):
         weight.revived_bits = bits
 

@@ -59,7 +59,7 @@ def _zero_where_clear_kernel(
 def zero_where_clear_(tensors: Sequence[torch.Tensor], bits: Sequence[torch.Tensor]) -> None:
     """``tensors[i][~unpack_bits(bits[i])] = 0`` for every ``i``, in place.
 
-    On one CUDA device, contiguous tensors of a floating dtype take one Triton launch per dtype;
+    Contiguous CUDA tensors of a floating dtype take one Triton launch per (device, dtype);
     anything else takes ``masked_fill_`` (the reference, and the CPU path).
     """
     if len(tensors) != len(bits):
@@ -67,14 +67,14 @@ def zero_where_clear_(tensors: Sequence[torch.Tensor], bits: Sequence[torch.Tens
     for i, (tensor, packed) in enumerate(zip(tensors, bits, strict=True)):
         if packed.dtype != torch.uint8 or packed.numel() != packed_numel(tensor.numel()):
             raise ValueError(f"zero_where_clear_: bits[{i}] must hold ceil(numel / 8) uint8 bytes")
-    groups: dict[torch.dtype, list[int]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, tensor in enumerate(tensors):
         fused = tensor.numel() and tensor.is_contiguous() and tensor.dtype in _DTYPES
         if fused and on_gpu([tensor, bits[i]]):
-            groups.setdefault(tensor.dtype, []).append(i)
+            groups.setdefault((tensor.device, tensor.dtype), []).append(i)
         else:
             zero_where_clear_reference_(tensor, bits[i])
-    for dtype, indices in groups.items():
+    for (_, dtype), indices in groups.items():
         zero_where_clear_triton_([tensors[i] for i in indices], [bits[i] for i in indices], dtype)
 
 

@@ -103,9 +103,10 @@ def active_sigma(
     than two are active), ``active[i]`` being the number of set bits of ``mask_bits[i]``."""
     if _fused(params, mask_bits):
         return active_sigma_triton(params, mask_bits, active)
+    device = params[0].device  # the first weight's, for a model spread over several devices
     return torch.stack(
         [
-            _sigma_reference(p, unpack_bits(b, p.shape))
+            _sigma_reference(p, unpack_bits(b, p.shape)).to(device)
             for p, b in zip(params, mask_bits, strict=True)
         ]
     )
@@ -128,7 +129,7 @@ def write_theta_(
     for i, param in enumerate(params):
         active = unpack_bits(mask_bits[i], param.shape)
         selected = unpack_bits(select_bits[i], param.shape)
-        theta = (scale[i] * noise[i]).to(param.dtype)
+        theta = (scale[i].to(param.device) * noise[i]).to(param.dtype)
         param.copy_(torch.where(selected, theta, param.masked_fill(~active, 0)))
 
 
