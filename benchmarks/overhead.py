@@ -11,6 +11,9 @@ are cold and memory peaks are not polluted by another model. Usage (GPU machine)
     python benchmarks/overhead.py [--out benchmarks/results/overhead.json] [--steps 30]
         [--models gpt2,vit] [--modes dense,resu,...] [--merge EARLIER.json]
 
+With ``RESU_PROFILE_DIR=DIR`` set, profiler tables of the first transitions and of one step per
+phase (and of the dense baseline's step) are written to DIR.
+
 ``--merge`` keeps the earlier result's runs of the (model, mode) pairs not run again now, so the
 benchmark can be split over several calls (``--models gpt2``, then ``--models vit --merge
 benchmarks/results/overhead.json``); ``commands`` lists the calls behind the result, earliest
@@ -120,8 +123,9 @@ def _measure(fn: Callable[[], None], steps: int, warmup: int = 5) -> dict[str, f
     }
 
 
-def _transition(fn: Callable[[], None], name: str) -> float:
-    """Milliseconds of one transition; with $RESU_PROFILE_DIR set, also a profiler table of it."""
+def _profiled_ms(fn: Callable[[], None], name: str) -> float:
+    """Milliseconds of one call (a transition, a step); with $RESU_PROFILE_DIR set, also a
+    profiler table of it in that folder."""
     profile_dir = os.environ.get("RESU_PROFILE_DIR")
     if not profile_dir:
         return timed_ms(fn)
@@ -161,12 +165,12 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     per_100m = 1e8 / managed
     phases: dict[str, Any] = {"dense (before prune)": _measure(trainer.step, steps)}
     transitions = {
-        "prune": _transition(lambda: controller.prune(SPARSITY), f"{model_name}-prune") * per_100m
+        "prune": _profiled_ms(lambda: controller.prune(SPARSITY), f"{model_name}-prune") * per_100m
     }
     phases["sparse"] = _measure(trainer.step, steps)
-    transitions["enter_resu"] = _transition(controller.enter_resu, f"{model_name}-resu") * per_100m
+    transitions["enter_resu"] = _profiled_ms(controller.enter_resu, f"{model_name}-resu") * per_100m
     phases["resu"] = _measure(trainer.step, steps)
-    transitions["commit"] = _transition(controller.commit, f"{model_name}-commit") * per_100m
+    transitions["commit"] = _profiled_ms(controller.commit, f"{model_name}-commit") * per_100m
     with controller.calibrate():
         result["calibrate_compile_s"] = timed_ms(trainer.forward_only) / 1e3
         phases["calibrate (forward)"] = _measure(trainer.forward_only, steps)
@@ -220,8 +224,14 @@ def _interleaved_phases(model_name: str, trainer: Trainer) -> dict[str, Any]:
     per_100m = 1e8 / sum(w.numel for w in controller.state)
     steady = {"prune": timed_ms(lambda: controller.prune(SPARSITY)) * per_100m}
     out: dict[str, Any] = {"sparse": _interleaved(trainer.step, baseline.step)}
+    profiling = bool(os.environ.get("RESU_PROFILE_DIR"))
+    if profiling:  # one step of each, where a phase's cost against dense would show
+        _profiled_ms(trainer.step, f"{model_name}-sparse-step")
+        _profiled_ms(baseline.step, f"{model_name}-dense-step")
     steady["enter_resu"] = timed_ms(controller.enter_resu) * per_100m
     out["resu"] = _interleaved(trainer.step, baseline.step)
+    if profiling:
+        _profiled_ms(trainer.step, f"{model_name}-resu-step")
     steady["commit"] = timed_ms(controller.commit) * per_100m
     with controller.calibrate():
         out["calibrate (forward)"] = _interleaved(trainer.forward_only, baseline.forward_only)
