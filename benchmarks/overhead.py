@@ -123,10 +123,13 @@ def _measure(fn: Callable[[], None], steps: int, warmup: int = 5) -> dict[str, f
     }
 
 
+PROFILE_DIR = os.environ.get("RESU_PROFILE_DIR")
+
+
 def _profiled_ms(fn: Callable[[], None], name: str) -> float:
     """Milliseconds of one call (a transition, a step); with $RESU_PROFILE_DIR set, also a
     profiler table of it in that folder."""
-    profile_dir = os.environ.get("RESU_PROFILE_DIR")
+    profile_dir = PROFILE_DIR
     if not profile_dir:
         return timed_ms(fn)
     with torch.profiler.profile(
@@ -224,13 +227,12 @@ def _interleaved_phases(model_name: str, trainer: Trainer) -> dict[str, Any]:
     per_100m = 1e8 / sum(w.numel for w in controller.state)
     steady = {"prune": timed_ms(lambda: controller.prune(SPARSITY)) * per_100m}
     out: dict[str, Any] = {"sparse": _interleaved(trainer.step, baseline.step)}
-    profiling = bool(os.environ.get("RESU_PROFILE_DIR"))
-    if profiling:  # one step of each, where a phase's cost against dense would show
+    if PROFILE_DIR:  # one step of each, where a phase's cost against dense would show
         _profiled_ms(trainer.step, f"{model_name}-sparse-step")
         _profiled_ms(baseline.step, f"{model_name}-dense-step")
     steady["enter_resu"] = timed_ms(controller.enter_resu) * per_100m
     out["resu"] = _interleaved(trainer.step, baseline.step)
-    if profiling:
+    if PROFILE_DIR:
         _profiled_ms(trainer.step, f"{model_name}-resu-step")
     steady["commit"] = timed_ms(controller.commit) * per_100m
     with controller.calibrate():

@@ -74,10 +74,7 @@ def _cycle(controller: PhaseController, optimizer: torch.optim.Optimizer) -> dic
     params = [w.param for w in controller.state]
     times = {"prune": timed_ms(lambda: controller.prune(SPARSITY))}
     times["enter_resu"] = timed_ms(controller.enter_resu)
-    for param in params:
-        param.grad = torch.randn_like(param) * 1e-3
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    _fake_step(params, optimizer)
     times["commit"] = timed_ms(controller.commit)
     return times
 
@@ -95,10 +92,7 @@ def _profile(
     out = {}
     for name, fn in steps.items():
         if name == "commit":
-            for param in params:
-                param.grad = torch.randn_like(param) * 1e-3
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _fake_step(params, optimizer)
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             fn()

@@ -18,6 +18,7 @@ from resu_compile.kernels.bits import packed_numel, unpack_bits
 from resu_compile.kernels.segments import (
     BLOCK,
     CHUNK_BLOCKS,
+    FLOAT_DTYPES,
     NUM_WARPS,
     address_table,
     chunk_tables,
@@ -28,12 +29,7 @@ from resu_compile.kernels.segments import (
     tile_bits,
 )
 
-_DTYPES = {
-    torch.float32: tl.float32,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float64: tl.float64,
-}
+_DTYPES = {**FLOAT_DTYPES, torch.float64: tl.float64}  # zeroing needs no arithmetic
 
 
 @triton.jit

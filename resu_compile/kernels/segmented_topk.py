@@ -36,6 +36,7 @@ from resu_compile.kernels.bits import packed_numel
 from resu_compile.kernels.segments import (
     BLOCK,
     CHUNK_BLOCKS,
+    FLOAT_DTYPES,
     NUM_WARPS,
     address_table,
     chunk_tables,
@@ -52,7 +53,6 @@ from resu_compile.kernels.segments import (
 # the reads; 256 bins per pass keep each pass near it, for one pass more.
 DIGITS = (8, 8, 8, 8)
 ALL_ELIGIBLE, ELIGIBLE_WHERE_SET, ELIGIBLE_WHERE_CLEAR = 0, 1, 2
-_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _NO_KEY = 1 << 32  # above every key: the k-th key of a segment that keeps nothing
 # Address rows: scores, eligibility bits, outputs.
 _SCORES, _ELIGIBLE, _OUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -207,7 +207,7 @@ def topk_bits_triton(
     modes_dev = torch.tensor(modes, dtype=torch.int32).to(device, non_blocking=True)
     k = torch.tensor([max(0, int(x)) for x in ks], dtype=torch.int64).to(device, non_blocking=True)
     tables = chunk_tables(numels, device)
-    common = {"DTYPE": _DTYPES[scores[0].dtype], "MAGNITUDE": magnitude}
+    common = {"DTYPE": FLOAT_DTYPES[scores[0].dtype], "MAGNITUDE": magnitude}
     launch = {"BLOCK": BLOCK, "CHUNK_BLOCKS": CHUNK_BLOCKS, "num_warps": NUM_WARPS}
     head = (addrs, n_seg, tables.chunks, tables.numels, modes_dev)
 
@@ -260,7 +260,7 @@ def topk_bits(
     if not len(scores) == len(ks) == len(eligible):
         raise ValueError("topk_bits: scores, ks and eligible need one entry per tensor")
     for i, (s, e) in enumerate(zip(scores, eligible, strict=True)):
-        if s.dtype not in _DTYPES:
+        if s.dtype not in FLOAT_DTYPES:
             raise ValueError(f"topk_bits: scores[{i}] must be an fp32, fp16 or bf16 tensor")
         if e is not None and (e[0].dtype != torch.uint8 or e[0].numel() != packed_numel(s.numel())):
             raise ValueError(f"topk_bits: eligible[{i}] must hold ceil(numel / 8) uint8 bytes")

@@ -13,8 +13,8 @@ them with another program.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -30,6 +30,8 @@ CHUNK_BLOCKS = 2 if os.environ.get("TRITON_INTERPRET") == "1" else 16
 CHUNK = BLOCK * CHUNK_BLOCKS
 NUM_WARPS = 4
 _CACHE_SIZE = 16
+# Element types the segment kernels read as floats (fp32 compute).
+FLOAT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 class ChunkTables(NamedTuple):
@@ -50,30 +52,24 @@ class ChunkTables(NamedTuple):
         return sums.index_add_(0, self.segment, per_chunk.double())
 
 
-_TABLES: OrderedDict[tuple, ChunkTables] = OrderedDict()
-
-
 def chunk_tables(numels: Sequence[int], device: torch.device) -> ChunkTables:
     """Tables for segments of ``numels`` elements; cached, since the sizes change only with the
     model (one host-to-device copy the first time)."""
-    key = (device, tuple(numels))
-    tables = _TABLES.get(key)
-    if tables is not None:
-        _TABLES.move_to_end(key)
-        return tables
+    return _chunk_tables(tuple(numels), torch.device(device))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _chunk_tables(numels: tuple[int, ...], device: torch.device) -> ChunkTables:
     counts = torch.tensor([triton.cdiv(n, CHUNK) for n in numels], dtype=torch.int64)
     segment = torch.repeat_interleave(torch.arange(len(numels)), counts)
     first = torch.cumsum(counts, 0) - counts
     index = torch.arange(int(counts.sum())) - first[segment]
-    tables = _TABLES[key] = ChunkTables(
+    return ChunkTables(
         torch.stack([segment, index], dim=1).to(torch.int32).to(device),
         torch.tensor(list(numels), dtype=torch.int64).to(device),
         first[segment].to(device),
         segment.to(device),
     )
-    if len(_TABLES) > _CACHE_SIZE:
-        _TABLES.popitem(last=False)
-    return tables
 
 
 def address_table(rows: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:

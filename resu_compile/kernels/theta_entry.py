@@ -22,6 +22,7 @@ from resu_compile.kernels.bits import unpack_bits
 from resu_compile.kernels.segments import (
     BLOCK,
     CHUNK_BLOCKS,
+    FLOAT_DTYPES,
     NUM_WARPS,
     address_table,
     chunk_tables,
@@ -31,8 +32,6 @@ from resu_compile.kernels.segments import (
     tile,
     tile_bits,
 )
-
-_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -137,7 +136,7 @@ def _fused(params: Sequence[torch.Tensor], others: Sequence[torch.Tensor]) -> bo
     """One Triton launch serves these: contiguous weights of one supported dtype, one GPU."""
     return (
         len({p.dtype for p in params}) == 1
-        and params[0].dtype in _DTYPES
+        and params[0].dtype in FLOAT_DTYPES
         and all(p.is_contiguous() and p.numel() for p in params)
         and on_gpu([*params, *others])
     )
@@ -162,7 +161,7 @@ def active_sigma_triton(
     count = torch.tensor(list(active), dtype=torch.float64).to(device, non_blocking=True)
     partial = torch.empty(tables.grid[0], dtype=torch.float32, device=device)
     launch = {
-        "DTYPE": _DTYPES[params[0].dtype],
+        "DTYPE": FLOAT_DTYPES[params[0].dtype],
         "BLOCK": BLOCK,
         "CHUNK_BLOCKS": CHUNK_BLOCKS,
         "num_warps": NUM_WARPS,
@@ -192,7 +191,7 @@ def write_theta_triton_(
         tables.chunks,
         tables.numels,
         scale.float().contiguous(),
-        DTYPE=_DTYPES[params[0].dtype],
+        DTYPE=FLOAT_DTYPES[params[0].dtype],
         BLOCK=BLOCK,
         CHUNK_BLOCKS=CHUNK_BLOCKS,
         num_warps=NUM_WARPS,
