@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,16 +93,30 @@ class Trainer:
             self.model.parameters(), lr=1e-4, weight_decay=0.01, fused=True
         )
 
-    def step(self) -> None:
+    def step(self, marks: list[tuple[str, float]] | None = None) -> None:
+        """One step; ``marks`` (if given) gets the host clock after each part, named."""
+
+        def mark(name: str) -> None:
+            if marks is not None:
+                marks.append((name, time.perf_counter()))
+
+        mark("start")
         inputs, target = self.batch()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = self.loss_fn(self.compiled(inputs), target)
+        mark("forward")
         loss.backward()
+        mark("backward")
+        self.optimizer_step()
+        mark("optimizer")
+        self.optimizer.zero_grad(set_to_none=True)
+        mark("zero_grad")
+
+    def optimizer_step(self) -> None:
         if self.mode == "dense":
             self.optimizer.step()
         else:
             self.compiled.resu.step(self.optimizer)
-        self.optimizer.zero_grad(set_to_none=True)
 
     def forward_only(self) -> None:
         inputs, _ = self.batch()
@@ -196,7 +211,7 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
 
 
 def _interleaved(
-    ours: Callable[[], None], dense: Callable[[], None], rounds: int = 6, block: int = 5
+    ours: Callable[[], None], dense: Callable[[], None], rounds: int = 12, block: int = 5
 ) -> dict[str, float]:
     """Step times of ``ours`` and of the dense baseline, alternating blocks in one process.
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from resu_compile.kernels.masked_zero import zero_where_clear_
+from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.optim.resu_phase import ResuPhaseStep
 from resu_compile.optim.updates import (
     HostSteps,
@@ -124,8 +125,9 @@ class OptimizerBridge:
         weights = [w for w in controller.state if w.param.grad is not None]
         in_resu = controller.phase.value == "resu"
         trains_actives = not in_resu or not controller.config.freeze_active
+        rules = {id(g): update_rule(optimizer, g) for g in optimizer.param_groups}
         self._plans = (
-            {id(w): self._active_plan(optimizer, w, in_resu) for w in weights}
+            {id(w): self._active_plan(optimizer, w, in_resu, rules) for w in weights}
             if trains_actives
             else {}
         )
@@ -183,7 +185,11 @@ class OptimizerBridge:
                         self._take_grad(param)
 
     def _active_plan(
-        self, optimizer: torch.optim.Optimizer, weight: ManagedWeight, in_resu: bool
+        self,
+        optimizer: torch.optim.Optimizer,
+        weight: ManagedWeight,
+        in_resu: bool,
+        rules: dict[int, str | None],
     ) -> str | None:
         """How the mask reaches the update of this weight's active coordinates.
 
@@ -193,6 +199,7 @@ class OptimizerBridge:
         - "fallback": the optimizer steps a masked gradient, then weight and state are re-masked.
 
         In the RESU phase (``freeze_active=False``) the gradient is never masked in the graph.
+        ``rules``: :func:`update_rule` of each param group, by ``id``.
         """
         if weight.mask_bits is None:
             return None
@@ -206,9 +213,9 @@ class OptimizerBridge:
             and preserves_zeros(optimizer)
         ):
             return None
-        if (in_resu or config.gradient_mask == "optimizer") and update_rule(
-            optimizer, self._groups[id(weight.param)]
-        ):
+        if (in_resu or config.gradient_mask == "optimizer") and rules[
+            id(self._groups[id(weight.param)])
+        ]:
             return "kernel"
         return "fallback"
 
@@ -288,12 +295,9 @@ class OptimizerBridge:
 
     @staticmethod
     def _nonfinite_flag(weights: list[ManagedWeight]) -> torch.Tensor:
-        """A 1-element float32 device tensor: 1 if any managed gradient holds NaN or Inf."""
-        # One fused reduction for all weights; nothing waits for it.
-        norms = torch._foreach_norm([w.param.grad for w in weights], float("inf"))
-        device = norms[0].device
-        finite = torch.stack([n.to(device) for n in norms]).isfinite().all()
-        return (~finite).to(torch.float32).reshape(1)
+        """A 1-element float32 device tensor: 1 if any managed gradient holds NaN or Inf (one
+        launch per dtype on the GPU; nothing waits for it)."""
+        return any_nonfinite([w.param.grad for w in weights])  # type: ignore[misc]
 
     def _count_nonfinite(self, flag: torch.Tensor) -> None:
         """Accumulate device flags in one device counter (read only when someone asks)."""

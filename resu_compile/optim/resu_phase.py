@@ -138,19 +138,13 @@ class ResuPhaseStep:
     ) -> ThetaRider | None:
         """This step's theta update, offered to ride on the actives' masked Adam (one pass over
         every tensor instead of two), or None where it cannot: it must be AdamW on the user's own
-        slots, with S fixed for the phase (``random`` or ``all`` selection)."""
+        slots, with S fixed for the phase (``random`` or ``all`` selection). The slots are Adam's
+        ``exp_avg`` / ``exp_avg_sq`` (:func:`optimizer_slots`), the only update that takes a rider."""
         config = self._controller.config
         if config.theta_optimizer != "adamw" or config.selection not in ("random", "all"):
             return None
-        for weight, _ in taken:
-            first, second = optimizer_slots(optimizer, weight)
-            if (
-                weight.select_bits is None
-                or not self._shares_slots(weight)
-                or first is None
-                or second is None
-            ):
-                return None
+        if any(w.select_bits is None or not self._shares_slots(w) for w, _ in taken):
+            return None
         self._clear_shared_slots(optimizer, taken)
         return ThetaRider(
             {id(w.param): w.select_bits for w, _ in taken},  # type: ignore[misc]

@@ -26,13 +26,15 @@ def _fused(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and tensor.is_contiguous()
 
 
-def _batched(params: list[torch.Tensor], *lists: list[torch.Tensor | None]) -> bool:
-    """Whether one multi-tensor Triton launch can serve these tensors (fused, one dtype per list)."""
-    tensors = [t for t in (*params, *(t for lst in lists for t in lst)) if t is not None]
-    return (
-        all(_fused(t) for t in tensors)
-        and len({p.dtype for p in params}) == 1
-        and all(len({t.dtype for t in lst if t is not None}) <= 1 for lst in lists)
+def _batched(params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+    """Whether one multi-tensor Triton launch can serve these weights: contiguous CUDA params and
+    grads, one dtype each. Their states and bits are not looked at here: the per-weight kernels
+    would refuse the same faults, so the launch's own checks raise for them instead (this runs every
+    step, and the host time of a step counts on models whose step is bound by the host)."""
+    dtype, grad_dtype = params[0].dtype, grads[0].dtype
+    return all(
+        _fused(p) and _fused(g) and p.dtype == dtype and g.dtype == grad_dtype
+        for p, g in zip(params, grads, strict=True)
     )
 
 
@@ -47,7 +49,7 @@ def _run(name: str, lists: dict[str, list[Any]], **hyper: Any) -> None:
     keywords = [key for key in lists if key not in positional]
     params = lists["param"]
     columns = {k: (None if all(v is None for v in vs) else vs) for k, vs in lists.items()}
-    if params and _batched(params, *(v for v in columns.values() if v is not None)):
+    if params and _batched(params, lists["grad"]):
         from resu_compile.kernels import fused_update
 
         getattr(fused_update, f"fused_{name}multi_")(
@@ -109,12 +111,24 @@ class HostSteps:
     def __init__(self) -> None:
         self._seen: dict[int, tuple[torch.Tensor, int]] = {}
 
-    def advance(self, param: torch.Tensor, step: torch.Tensor) -> int:
-        entry = self._seen.get(id(param))
-        value = entry[1] if entry is not None and entry[0] is step else int(step.item())
-        step += 1
-        self._seen[id(param)] = (step, value + 1)
-        return value + 1
+    def advance(self, params: list[torch.Tensor], steps: list[torch.Tensor]) -> list[int]:
+        """Add 1 to every ``steps[i]`` (``params[i]``'s counter) and return the new counts.
+
+        The device counters move in one ``_foreach_add_`` per device (a launch per weight would
+        cost the host more than the update itself on models with many weights).
+        """
+        counts = []
+        for param, step in zip(params, steps, strict=True):
+            entry = self._seen.get(id(param))
+            value = entry[1] + 1 if entry is not None and entry[0] is step else int(step.item()) + 1
+            self._seen[id(param)] = (step, value)
+            counts.append(value)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for step in steps:
+            by_device.setdefault(step.device, []).append(step)
+        for same_device in by_device.values():
+            torch._foreach_add_(same_device, 1)
+        return counts
 
 
 @dataclass(frozen=True)
@@ -195,9 +209,7 @@ def masked_update(
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        steps = [
-            host_steps.advance(p, state["step"]) for p, state in zip(params, states, strict=True)
-        ]
+        steps = host_steps.advance(params, [state["step"] for state in states])
         beta1, beta2 = (_scalar(b) for b in group["betas"])
         hyper = {
             "lr": _scalar(group["lr"]),
@@ -210,11 +222,7 @@ def masked_update(
             ),
             "maximize": bool(group["maximize"]),
         }
-        rider = (
-            keep_pruned
-            and theta is not None
-            and _rides(theta, hyper, params, grads, states, mask_bits)
-        )
+        rider = keep_pruned and theta is not None and _rides(theta, hyper, params, grads, mask_bits)
         for step in sorted(set(steps)):  # a launch per step count (they differ only rarely)
             pick = [i for i, s in enumerate(steps) if s == step]
             if rider:
@@ -247,7 +255,6 @@ def _rides(
     hyper: dict[str, Any],
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    states: list[dict[str, Any]],
     mask_bits: list[torch.Tensor | None],
 ) -> bool:
     """Whether theta's step can share the actives' fused launch."""
@@ -256,8 +263,7 @@ def _rides(
     selections = [theta.select_bits.get(id(p)) for p in params]
     if any(b is None for b in [*mask_bits, *selections]):
         return False
-    moments = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states]
-    return _batched(params, grads, moments, mask_bits, selections)  # type: ignore[arg-type]
+    return _batched(params, grads)
 
 
 def _fused_with_theta(
