@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,3 +42,34 @@ def timed_ms(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
+
+
+def alternated(
+    ours: Callable[[], object], baseline: Callable[[], object], rounds: int = 12, block: int = 5
+) -> dict[str, float]:
+    """Step times of ``ours`` and of a ``baseline``, alternating blocks of ``block`` calls.
+
+    Alternating puts both under the same conditions (clocks, allocator, the host's load), so their
+    ratio is the overhead. The host's speed drifts between blocks more than within one, so the
+    ratio is the median of the per-round ratios of block medians, with its quartiles.
+    """
+    for _ in range(2):
+        ours()
+        baseline()
+    mine: list[float] = []
+    theirs: list[float] = []
+    ratios: list[float] = []
+    for _ in range(rounds):
+        ours_block = [timed_ms(ours) for _ in range(block)]
+        baseline_block = [timed_ms(baseline) for _ in range(block)]
+        mine += ours_block
+        theirs += baseline_block
+        ratios.append(statistics.median(ours_block) / statistics.median(baseline_block))
+    quartiles = statistics.quantiles(ratios, n=4)
+    return {
+        "ms": statistics.median(mine),
+        "dense_ms": statistics.median(theirs),
+        "ratio": statistics.median(ratios),
+        "ratio_p25": quartiles[0],
+        "ratio_p75": quartiles[2],
+    }

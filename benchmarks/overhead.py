@@ -41,7 +41,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, timed_ms, write_json
+from benchmarks.common import alternated, environment, timed_ms, write_json
 from benchmarks.models import GPT, GPT2_SMALL, VIT_BASE, ViT
 
 SPARSITY = 0.7
@@ -87,7 +87,7 @@ class Trainer:
             import resu_compile as resu
 
             self.compiled = resu.compile(
-                self.model, sparsity=SPARSITY, manual=True, compiler="inductor"
+                self.model, sparsity=SPARSITY, manual=True, compiler="inductor", **RESU_MODES[mode]
             )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=1e-4, weight_decay=0.01, fused=True
@@ -210,26 +210,6 @@ def worker(model_name: str, mode: str, steps: int) -> dict[str, Any]:
     return result
 
 
-def _interleaved(
-    ours: Callable[[], None], dense: Callable[[], None], rounds: int = 12, block: int = 5
-) -> dict[str, float]:
-    """Step times of ``ours`` and of the dense baseline, alternating blocks in one process.
-
-    Separate processes differ by a few percent from one another (clocks, allocator state);
-    alternating blocks puts both under the same conditions, so their ratio is the overhead.
-    """
-    for _ in range(2):
-        ours()
-        dense()
-    mine: list[float] = []
-    theirs: list[float] = []
-    for _ in range(rounds):
-        mine += [timed_ms(ours) for _ in range(block)]
-        theirs += [timed_ms(dense) for _ in range(block)]
-    ms, dense_ms = statistics.median(mine), statistics.median(theirs)
-    return {"ms": ms, "dense_ms": dense_ms, "ratio": ms / dense_ms}
-
-
 def _interleaved_phases(model_name: str, trainer: Trainer) -> dict[str, Any]:
     """Each phase of ``trainer`` against a dense torch.compile model built in this process.
 
@@ -241,17 +221,17 @@ def _interleaved_phases(model_name: str, trainer: Trainer) -> dict[str, Any]:
     controller = trainer.compiled.resu
     per_100m = 1e8 / sum(w.numel for w in controller.state)
     steady = {"prune": timed_ms(lambda: controller.prune(SPARSITY)) * per_100m}
-    out: dict[str, Any] = {"sparse": _interleaved(trainer.step, baseline.step)}
+    out: dict[str, Any] = {"sparse": alternated(trainer.step, baseline.step)}
     if PROFILE_DIR:  # one step of each, where a phase's cost against dense would show
         _profiled_ms(trainer.step, f"{model_name}-sparse-step")
         _profiled_ms(baseline.step, f"{model_name}-dense-step")
     steady["enter_resu"] = timed_ms(controller.enter_resu) * per_100m
-    out["resu"] = _interleaved(trainer.step, baseline.step)
+    out["resu"] = alternated(trainer.step, baseline.step)
     if PROFILE_DIR:
         _profiled_ms(trainer.step, f"{model_name}-resu-step")
     steady["commit"] = timed_ms(controller.commit) * per_100m
     with controller.calibrate():
-        out["calibrate (forward)"] = _interleaved(trainer.forward_only, baseline.forward_only)
+        out["calibrate (forward)"] = alternated(trainer.forward_only, baseline.forward_only)
     out["transitions_steady_ms_per_100M"] = steady
     return out
 
@@ -351,6 +331,11 @@ def _phase_rows(dense: dict[str, Any], resu_run: dict[str, Any]) -> list[dict[st
                 "dense ms": baseline["ms"],
                 "time x dense": values["ms"] / baseline["ms"],
                 "x dense (same process)": same_process["ratio"] if same_process else None,
+                "same-process quartiles": (
+                    [same_process["ratio_p25"], same_process["ratio_p75"]]
+                    if same_process and "ratio_p25" in same_process
+                    else None
+                ),
                 "peak MiB": values["peak_MiB"],
                 "dense MiB": baseline["peak_MiB"],
                 "memory within target": None if forward_only else values["peak_MiB"] <= allowance,

@@ -62,6 +62,7 @@ def overhead_section(result: dict[str, Any]) -> str:
             "phase": r["phase"],
             "ms": f"{r['ms']:.2f}",
             "x dense (same process)": _ratio(r.get("x dense (same process)")),
+            "quartiles": _quartiles(r.get("same-process quartiles")),
             "x dense (separate runs)": _ratio(r["time x dense"]),
             "peak MiB": f"{r['peak MiB']:.0f}",
             "dense MiB": f"{r['dense MiB']:.0f}",
@@ -79,8 +80,9 @@ def overhead_section(result: dict[str, Any]) -> str:
             f"fused AdamW, sparsity {result['sparsity']})",
             _overhead_provenance(result),
             "`x dense (same process)` alternates blocks of steps with a dense `torch.compile` model "
-            "built in the same process (the fair ratio); `x dense (separate runs)` divides by a "
-            "dense run in its own process, which drifts by several percent between processes. "
+            "built in the same process (the fair ratio): the median of the per-round ratios, with "
+            "their quartiles, which show how far the host's speed moved it. `x dense (separate "
+            "runs)` divides by a dense run in its own process, which drifts by several percent. "
             "Memory target: dense peak + 1% + 2 bits per managed weight.",
             tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
             "### Compile, recompiles and transitions",
@@ -351,6 +353,10 @@ def sweep_section(result: dict[str, Any]) -> str:
             tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
         ]
     )
+
+
+def _quartiles(values: list[float] | None) -> str:
+    return "" if not values else f"{values[0]:.3f}–{values[1]:.3f}"
 
 
 def _ratio(value: float | None) -> str:

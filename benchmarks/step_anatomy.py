@@ -5,17 +5,19 @@ one model it builds a dense ``torch.compile`` trainer and a ``resu.compile`` tra
 process, and for each phase of ours (before the first prune, sparse, RESU) it measures, beside the
 same number of dense steps alternated with ours:
 
-- wall-clock step time (median and 90th percentile of synchronised steps);
+- wall-clock step time (median of synchronised steps) and its ratio to dense: the median, and
+  quartiles, of the ratios of alternated blocks (the host's speed drifts between blocks);
 - host time of each part of a step, timed without syncing (forward call, backward call, optimizer
   step): where the CPU is while the GPU works; the GPU waits only if the host falls behind it;
 - GPU kernel time per step from the profiler, in total and for the kernels that differ most from
   dense, and the host syncs issued (``cudaStreamSynchronize`` and friends);
-- garbage-collection pauses during the timed steps.
 
-It then times a few full prune / RESU entry / commit cycles with their collection pauses, since
-commit times inside a compiled process were seen to vary tenfold. Usage (GPU machine):
+It then times a few full prune / RESU entry / commit cycles with the garbage-collection pauses,
+new allocator segments and allocator retries inside each, since commit times inside a compiled
+process were seen to vary tenfold. Usage (GPU machine):
 
-    python -m benchmarks.step_anatomy --model vit [--out benchmarks/results/step_anatomy-vit.json]
+    python -m benchmarks.step_anatomy --model vit [--modes resu,resu:graph-mask]
+        [--out benchmarks/results/step_anatomy-vit.json]
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ import torch
 from tabulate import tabulate
 from torch.autograd import DeviceType
 
-from benchmarks.common import environment, timed_ms, write_json
-from benchmarks.overhead import SPARSITY, Trainer
+from benchmarks.common import alternated, environment, timed_ms, write_json
+from benchmarks.overhead import RESU_MODES, SPARSITY, Trainer
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
@@ -64,11 +66,6 @@ class GcPauses:
             yield self
         finally:
             gc.callbacks.remove(self)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _host_parts(trainer: Trainer, steps: int) -> dict[str, float]:
@@ -131,35 +128,6 @@ def _kernel_profile(fn: Callable[[], None], steps: int) -> dict[str, Any]:
     }
 
 
-def _timed_blocks(
-    ours: Callable[[], None], dense: Callable[[], None], rounds: int, block: int
-) -> dict[str, Any]:
-    """Alternating blocks of ours and dense: step times, and GC pauses during each side."""
-    for _ in range(2):
-        ours()
-        dense()
-    times: dict[str, list[float]] = {"ours": [], "dense": []}
-    gc_ms = {"ours": 0.0, "dense": 0.0}
-    gc_count = {"ours": 0, "dense": 0}
-    for _ in range(rounds):
-        for side, fn in (("ours", ours), ("dense", dense)):
-            with GcPauses().installed() as pauses:
-                times[side] += [timed_ms(fn) for _ in range(block)]
-            gc_ms[side] += sum(pauses.pauses_ms)
-            gc_count[side] += len(pauses.pauses_ms)
-    steps = rounds * block
-    return {
-        side: {
-            "median_ms": statistics.median(times[side]),
-            "p90_ms": _percentile(times[side], 0.9),
-            "min_ms": min(times[side]),
-            "gc_ms_per_step": gc_ms[side] / steps,
-            "gc_per_step": gc_count[side] / steps,
-        }
-        for side in times
-    }
-
-
 def _phase(
     name: str,
     ours: Trainer,
@@ -167,7 +135,7 @@ def _phase(
     dense_profile: dict[str, Any],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    timing = _timed_blocks(ours.step, dense.step, args.rounds, args.block)
+    timing = alternated(ours.step, dense.step, args.rounds, args.block)
     profile = _kernel_profile(ours.step, args.profile_steps)
     differing = {
         kernel: ms - dense_profile["kernels"].get(kernel, 0.0)
@@ -216,10 +184,34 @@ def _cycles(trainer: Trainer, count: int) -> list[dict[str, float]]:
     return rows
 
 
+def _mode(
+    mode: str, dense: Trainer, dense_profile: dict[str, Any], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """The phases of one resu mode against ``dense``, then its transition cycles."""
+    ours = Trainer(args.model, mode)
+    ours.step()
+    controller = ours.compiled.resu
+    phases = []
+    for name, enter in (
+        ("before prune", lambda: None),
+        ("sparse", lambda: controller.prune(SPARSITY)),
+        ("resu", controller.enter_resu),
+    ):
+        enter()
+        phases.append({"mode": mode, **_phase(name, ours, dense, dense_profile, args)})
+    controller.commit()
+    return phases, _cycles(ours, args.cycles)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("gpt2", "vit"), default="vit")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--modes",
+        default="resu",
+        help="comma list of overhead.py's resu modes: " + ", ".join(RESU_MODES),
+    )
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--block", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=5)
@@ -231,18 +223,12 @@ def main() -> None:
     out = args.out or Path(f"benchmarks/results/step_anatomy-{args.model}.json")
 
     dense = Trainer(args.model, "dense")
-    ours = Trainer(args.model, "resu")
     dense.step()
-    ours.step()
     dense_profile = _kernel_profile(dense.step, args.profile_steps)
-    controller = ours.compiled.resu
-    phases = [_phase("before prune", ours, dense, dense_profile, args)]
-    controller.prune(SPARSITY)
-    phases.append(_phase("sparse", ours, dense, dense_profile, args))
-    controller.enter_resu()
-    phases.append(_phase("resu", ours, dense, dense_profile, args))
-    controller.commit()
-    cycles = _cycles(ours, args.cycles)
+    phases, cycles = [], {}
+    for mode in args.modes.split(","):
+        mode_phases, cycles[mode] = _mode(mode, dense, dense_profile, args)
+        phases += mode_phases
 
     result = {
         **environment(),
@@ -258,18 +244,17 @@ def main() -> None:
     write_json(out, result)
     rows = [
         {
+            "mode": p["mode"],
             "phase": p["phase"],
-            "ms": p["timing"]["ours"]["median_ms"],
-            "dense ms": p["timing"]["dense"]["median_ms"],
-            "x dense": p["timing"]["ours"]["median_ms"] / p["timing"]["dense"]["median_ms"],
-            "p90 ms": p["timing"]["ours"]["p90_ms"],
-            "dense p90": p["timing"]["dense"]["p90_ms"],
+            "ms": p["timing"]["ms"],
+            "dense ms": p["timing"]["dense_ms"],
+            "x dense": p["timing"]["ratio"],
+            "x p25": p["timing"]["ratio_p25"],
+            "x p75": p["timing"]["ratio_p75"],
             "kernel ms": p["profile"]["kernel_ms"],
             "dense kernel ms": dense_profile["kernel_ms"],
             "launches": p["profile"]["launches"],
             "dense launches": dense_profile["launches"],
-            "syncs": sum(p["profile"]["syncs"].values()),
-            "gc ms/step": p["timing"]["ours"]["gc_ms_per_step"],
             **{f"host {k}": v for k, v in p["host_ms"].items()},
         }
         for p in phases
@@ -279,12 +264,11 @@ def main() -> None:
     )
     print("dense host ms:", {k: round(v, 2) for k, v in result["dense"]["host_ms"].items()})
     for p in phases:
-        print(f"\n{p['phase']}: kernels against dense (ms per step)")
+        print(f"\n{p['mode']} {p['phase']}: kernels against dense (ms per step)")
         print(tabulate(list(p["kernels_vs_dense_ms"].items()), floatfmt="+.3f"))
-        print("syncs/step:", p["profile"]["syncs"])
-        print(p["python_profile"][:6000])
-    print()
-    print(tabulate(cycles, headers="keys", floatfmt=".3g"))
+    for mode, mode_cycles in cycles.items():
+        print(f"\n{mode}: transitions")
+        print(tabulate(mode_cycles, headers="keys", floatfmt=".3g"))
     print()
     print(tabulate(rows, headers="keys", floatfmt=".4g"))
 

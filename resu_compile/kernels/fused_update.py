@@ -36,6 +36,7 @@ The references take it too and check it on the host (they are the CPU path).
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from array import array
 from collections import OrderedDict
@@ -49,11 +50,24 @@ import triton.language as tl
 from resu_compile.kernels.bits import packed_numel
 from resu_compile.kernels.reference import check_theta_args
 
-# (BLOCK, num_warps) by the parameter's element size. Both give a thread 16 elements (4 or 2
-# 128-bit accesses per tensor): AdamW then needs ~100-165 registers (sm_90), while 32 elements need
-# ~250 and spill. A 2-byte program takes twice the elements, so it moves as many bytes and pays its
-# prologue (the multi kernels' table loads) half as often. BLOCK: a power of two, at least 8.
-LAUNCH_CONFIGS: dict[int, tuple[int, int]] = {4: (2048, 4), 2: (4096, 8)}
+# (BLOCK, num_warps) by (the parameter's element size, whether theta's AdamW rides along), from
+# benchmarks/tune_updates.py on an H100: 8 elements a thread (one 128-bit access per tensor in bf16,
+# two in fp32) move 92-96% of the copy bandwidth; 16 leave too few threads resident to keep memory
+# busy (bf16's theta update fell to 68%). The one-pass RESU step holds each coordinate's own
+# scalars and its old values besides: in fp32 it needs 4 elements a thread (95%; 8 give 93%), in
+# bf16 8 (80%; 4 give 79%, 16 give 76%). BLOCK: a power of two, at least 8.
+LAUNCH_CONFIGS: dict[tuple[int, bool], tuple[int, int]] = {
+    (4, False): (1024, 4),
+    (2, False): (1024, 4),
+    (4, True): (1024, 8),
+    (2, True): (1024, 4),
+}
+
+# Every multiply and add rounds on its own, as torch's separate ops do: with fusion into FMAs (the
+# default of Triton 3.6) each kernel's arithmetic depends on what the compiler makes of it, and the
+# per-tensor, multi-tensor and one-pass kernels differ in the last bit. benchmarks/tune_updates.py
+# measures both settings.
+FP_FUSION = False
 
 _RULE_IDS = {"sgd": 0, "momentum": 1, "adamw": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -62,10 +76,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ALIGN = 16
 
 
-def launch_config(dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(BLOCK, VEC, num_warps)`` of the update kernels for parameters of ``dtype``."""
+def launch_config(dtype: torch.dtype, theta: bool = False) -> tuple[int, int, int]:
+    """``(BLOCK, VEC, num_warps)`` of the update kernels for parameters of ``dtype`` (``theta``: the
+    one-pass RESU step)."""
     size = dtype.itemsize
-    block, num_warps = LAUNCH_CONFIGS[size]
+    block, num_warps = LAUNCH_CONFIGS[size, theta]
     return block, 16 // size, num_warps
 
 
@@ -776,6 +791,8 @@ class _MultiLaunch(NamedTuple):
 _CACHE_SIZE = 16
 _BLOCK_TABLES: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
 _ADDRESS_TABLES: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+# Sets of lasting tensors (params, states, bits) already checked: ids, addresses and param shapes.
+_CHECKED: OrderedDict[tuple, bool] = OrderedDict()
 
 
 _INTERPRETED = not isinstance(_theta_update_multi_kernel, triton.runtime.JITFunction)
@@ -825,8 +842,10 @@ def _multi_launch(
     grads: Sequence[torch.Tensor],
     states: Sequence[Sequence[torch.Tensor]],
     bits: Sequence[Sequence[torch.Tensor]],
+    theta: bool = False,
 ) -> _MultiLaunch | None:
-    """Check lists as :func:`_check` / :func:`_check_bits` check one tensor, and build the tables.
+    """Check lists as :func:`_check` / :func:`_check_bits` check one tensor, and build the tables
+    (``theta``: for the one-pass RESU step's launch configuration).
 
     Address rows, in this order: params, grads, each state list (the params' dtype), each packed-bit
     list. ``None`` when there is nothing to update.
@@ -845,14 +864,25 @@ def _multi_launch(
         raise TypeError(f"{name}: param/grad must be fp32, fp16 or bf16")
     shapes = [p.shape for p in params]
     numels = tuple(p.numel() for p in params)
-    if not _rows_valid(rows, len(states), shapes, numels):
-        _raise_row_fault(name, rows, len(states), shapes, numels)
-
     addrs = tuple([t.data_ptr() for row in rows for t in row])
+    # Params, states and bits live across steps: they are checked once per set of tensors, and a
+    # step re-checks only its new gradients. A tensor replaced (states reloaded, bits re-packed at
+    # a transition, a param's .data swapped) is built while the old one is alive, so it has another
+    # address and the set is checked again.
+    lasting = (
+        tuple(map(id, itertools.chain(params, *states, *bits))),
+        addrs[:n_tensors] + addrs[2 * n_tensors :],
+        tuple(shapes),
+    )
+    checked = lasting in _CHECKED
+    if not _rows_valid(rows, len(states), shapes, numels, rows_to_check=[1] if checked else None):
+        _raise_row_fault(name, rows, len(states), shapes, numels)
+    _cached(_CHECKED, lasting, lambda: True)
+
     n_float = (2 + len(states)) * n_tensors  # the rows read as vectors: all but the bits
     # _ALIGN is a power of two: every value is a multiple of it iff their bitwise OR is.
     aligned = functools.reduce(operator.or_, (*numels, *addrs[:n_float])) % _ALIGN == 0
-    block, vec, num_warps = launch_config(dtype)
+    block, vec, num_warps = launch_config(dtype, theta)
     blocks, numels_dev, n_blocks = _cached(
         _BLOCK_TABLES, (device, block, numels), lambda: _block_table(numels, block, device)
     )
@@ -869,14 +899,16 @@ def _rows_valid(
     n_states: int,
     shapes: list[torch.Size],
     numels: tuple[int, ...],
+    rows_to_check: list[int] | None = None,
 ) -> bool:
-    """Whether every row is as :func:`_multi_launch` needs it: row-wide comparisons, which cost the
-    host a fraction of a loop of checks per tensor (this runs every optimizer step, and on a model
-    whose step is bound by the host every microsecond here is a microsecond of step time)."""
+    """Whether every row (or those of ``rows_to_check``) is as :func:`_multi_launch` needs it:
+    row-wide comparisons, which cost the host a fraction of a loop of checks per tensor (this runs
+    every optimizer step, and on a model whose step is bound by the host every microsecond here is
+    a microsecond of step time)."""
     dtype, grad_dtype, device = rows[0][0].dtype, rows[1][0].dtype, rows[0][0].device
-    nbytes = [packed_numel(n) for n in numels]
     n = len(shapes)
-    for r, row in enumerate(rows):
+    for r in range(len(rows)) if rows_to_check is None else rows_to_check:
+        row = rows[r]
         floating = r < 2 + n_states
         want = torch.uint8 if not floating else grad_dtype if r == 1 else dtype
         if (
@@ -884,7 +916,9 @@ def _rows_valid(
             or [t.device for t in row] != [device] * n
             or not all([t.is_contiguous() for t in row])
             or (
-                [t.shape for t in row] != shapes if floating else [t.numel() for t in row] != nbytes
+                [t.shape for t in row] != shapes
+                if floating
+                else [t.numel() for t in row] != [packed_numel(m) for m in numels]
             )
         ):
             return False
@@ -994,6 +1028,7 @@ def fused_masked_sgd_(
         BLOCK=block,
         VEC=vec,
         num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -1051,6 +1086,7 @@ def fused_masked_adam_(
         BLOCK=block,
         VEC=vec,
         num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -1113,6 +1149,7 @@ def fused_theta_update_(
         BLOCK=block,
         VEC=vec,
         num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -1176,6 +1213,7 @@ def fused_masked_sgd_multi_(
         BLOCK=launch.block,
         VEC=launch.vec,
         num_warps=launch.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -1243,12 +1281,16 @@ def fused_masked_adam_multi_(
     bits = [] if mask_bits is None else [mask_bits]
     if theta is not None:
         bits.append(theta.select_bits)
-    launch = _multi_launch("fused_masked_adam_multi_", params, grads, [exp_avgs, exp_avg_sqs], bits)
+    launch = _multi_launch(
+        "fused_masked_adam_multi_",
+        params,
+        grads,
+        [exp_avgs, exp_avg_sqs],
+        bits,
+        theta=theta is not None,
+    )
     if launch is None:
         return
-    # Theta's per-coordinate scalars cost registers: half the elements per thread keeps them
-    # from spilling.
-    num_warps = launch.num_warps * (2 if theta is not None else 1)
     _masked_adam_multi_kernel[(launch.n_blocks,)](
         launch.addrs,
         launch.n_tensors,
@@ -1276,7 +1318,8 @@ def fused_masked_adam_multi_(
         ALIGNED=launch.aligned,
         BLOCK=launch.block,
         VEC=launch.vec,
-        num_warps=num_warps,
+        num_warps=launch.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -1344,4 +1387,5 @@ def fused_theta_update_multi_(
         BLOCK=launch.block,
         VEC=launch.vec,
         num_warps=launch.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )

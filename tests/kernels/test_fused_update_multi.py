@@ -246,6 +246,26 @@ def test_multi_rejects_what_the_kernel_would_get_wrong() -> None:
         fused_theta_update_multi_(p, p, bits, rule="adamw", **THETA_KW)
 
 
+def test_checked_tensors_are_checked_again_once_replaced() -> None:
+    """Lasting tensors are checked once per set; a step's gradients and any replaced tensor (a
+    reloaded state, re-packed bits, a param's swapped .data) are checked every time."""
+    shapes = [(8, 6), (3, 3)]
+    p, g, m, v = _lists(shapes, torch.float32, "cpu", 4)
+    bits = [pack_bits(s) for s in _bools("random", shapes, "cpu")]
+    kw = dict(rule="adamw", **THETA_KW)
+    fused_theta_update_multi_(p, g, bits, exp_avgs=m, exp_avg_sqs=v, **kw)  # checked, cached
+    with pytest.raises(ValueError, match="shape"):
+        fused_theta_update_multi_(p, [g[0], torch.zeros(9)], bits, exp_avgs=m, exp_avg_sqs=v, **kw)
+    with pytest.raises(ValueError, match="state"):
+        fused_theta_update_multi_(p, g, bits, exp_avgs=[m[0].half(), m[1]], exp_avg_sqs=v, **kw)
+    with pytest.raises(ValueError, match="bytes"):
+        short = [bits[0], torch.zeros(1, dtype=torch.uint8)]
+        fused_theta_update_multi_(p, g, short, exp_avgs=m, exp_avg_sqs=v, **kw)
+    p[1].data = torch.zeros(9)  # same tensor object, new storage and shape
+    with pytest.raises(ValueError, match="shape"):
+        fused_theta_update_multi_(p, g, bits, exp_avgs=m, exp_avg_sqs=v, **kw)
+
+
 ADAM_CONFIGS = {
     "adamw": dict(weight_decay=1e-1, decoupled_weight_decay=True, maximize=False, beta1=0.9),
     "adam_l2_max": dict(weight_decay=1e-2, decoupled_weight_decay=False, maximize=True, beta1=0.3),
