@@ -115,7 +115,9 @@ def _kernel_profile(fn: Callable[[], None], steps: int) -> dict[str, Any]:
     launches = 0
     syncs: Counter[str] = Counter()
     for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
+        # GPU-side ranges of record_function annotations (e.g. "Optimizer.step#AdamW.step")
+        # would count their kernels twice.
+        if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
             kernels[event.name[:80]] += event.device_time / 1e3 / steps
             launches += 1
         elif event.name in SYNC_CALLS or event.name.startswith("cudaMemcpy"):

@@ -362,7 +362,11 @@ def _revived_on_device(
     ]
     if not host:
         return []
-    flat = torch.cat(host).to(old_bits[0].device)
+    device = old_bits[0].device
+    # Through page-locked memory the copy is one DMA; from pageable memory CUDA first copies it
+    # on the host, which on a busy host was a visible part of a commit.
+    flat = torch.cat(host, out=_host_buffer(sum(t.numel() for t in host), device))
+    flat = flat.to(device, non_blocking=True)
     # A model spread over several devices: each weight's bits go where its mask lives.
     parts = torch.split(flat, [t.numel() for t in host])
     return [part.to(bits.device) for part, bits in zip(parts, old_bits, strict=True)]
@@ -372,9 +376,17 @@ def _store_revived(weights: list[ManagedWeight], revived: list[torch.Tensor]) ->
     """Back to host memory in one device-to-host copy (telemetry costs no device memory)."""
     if not weights:
         return
-    flat = torch.cat([bits.to(revived[0].device) for bits in revived]).cpu()
+    device = revived[0].device
+    on_device = torch.cat([bits.to(device) for bits in revived])
+    flat = _host_buffer(on_device.numel(), device).copy_(on_device)
     for weight, bits in zip(weights, torch.split(flat, [t.numel() for t in revived]), strict=True):
         weight.revived_bits = bits
+
+
+def _host_buffer(numel: int, device: torch.device) -> torch.Tensor:
+    """``numel`` bytes of host memory for copies to and from ``device``: page-locked for a CUDA
+    device (from torch's caching host allocator, so a commit reuses the last one's)."""
+    return torch.empty(numel, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
 
 def _amnesty_scores(config: ResuConfig, weight: ManagedWeight) -> torch.Tensor:
