@@ -13,7 +13,7 @@ same number of dense steps alternated with ours:
   dense, and the host syncs issued (``cudaStreamSynchronize`` and friends);
 
 It then times a few full prune / RESU entry / commit cycles with the garbage-collection pauses,
-new allocator segments and allocator retries inside each, since commit times inside a compiled
+Triton compilations, new allocator segments and allocator retries inside each, since commit times inside a compiled
 process were seen to vary tenfold. Usage (GPU machine):
 
     python -m benchmarks.step_anatomy --model vit [--modes resu,resu:graph-mask]
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import triton
 from tabulate import tabulate
 from torch.autograd import DeviceType
 
@@ -156,9 +157,58 @@ def _phase(
     }
 
 
+class TritonCompiles:
+    """Counts Triton kernel compilations while installed (``knobs.runtime.jit_post_compile_hook``;
+    None where this Triton has no such hook)."""
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.count = (self.count or 0) + 1
+
+    @contextmanager
+    def installed(self) -> Iterator[TritonCompiles]:
+        runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+        if runtime is None or not hasattr(runtime, "jit_post_compile_hook"):
+            yield self
+            return
+        previous, runtime.jit_post_compile_hook = runtime.jit_post_compile_hook, self
+        self.count = 0
+        try:
+            yield self
+        finally:
+            runtime.jit_post_compile_hook = previous
+
+
+def _commit_profiles(trainer: Trainer, count: int) -> dict[str, Any]:
+    """``count`` cycles with every commit under the profiler: the commits' milliseconds and the
+    profiler table of the slowest against that of the fastest (where a slow one spends it)."""
+    controller = trainer.compiled.resu
+    runs = []
+    for _ in range(count):
+        controller.prune(SPARSITY)
+        trainer.step()
+        controller.enter_resu()
+        trainer.step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            ms = timed_ms(controller.commit)
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+        runs.append((ms, table))
+    ordered = sorted(runs, key=lambda run: run[0])
+    return {
+        "commit_ms": [ms for ms, _ in runs],
+        "slowest": ordered[-1][1],
+        "fastest": ordered[0][1],
+    }
+
+
 def _cycles(trainer: Trainer, count: int) -> list[dict[str, float]]:
-    """Prune, RESU entry and commit times (ms per 100M weights), with the GC pauses, new
-    allocator segments and allocator retries during each."""
+    """Prune, RESU entry and commit times (ms per 100M weights), with the GC pauses, Triton
+    compilations, new allocator segments and allocator retries during each."""
     controller = trainer.compiled.resu
     per_100m = 1e8 / sum(w.numel for w in controller.state)
     rows = []
@@ -170,8 +220,9 @@ def _cycles(trainer: Trainer, count: int) -> list[dict[str, float]]:
             ("commit", controller.commit),
         ):
             before = torch.cuda.memory_stats()
-            with GcPauses().installed() as pauses:
+            with GcPauses().installed() as pauses, TritonCompiles().installed() as compiles:
                 row[f"{name} ms/100M"] = timed_ms(transition) * per_100m
+            row[f"{name} compiles"] = compiles.count
             after = torch.cuda.memory_stats()
             row[f"{name} gc ms"] = sum(pauses.pauses_ms)
             # cudaMalloc calls (new segments) and allocator retries (cudaFree + sync) inside it.
@@ -188,8 +239,9 @@ def _cycles(trainer: Trainer, count: int) -> list[dict[str, float]]:
 
 def _mode(
     mode: str, dense: Trainer, dense_profile: dict[str, Any], args: argparse.Namespace
-) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
-    """The phases of one resu mode against ``dense``, then its transition cycles."""
+) -> tuple[list[dict[str, Any]], list[dict[str, float]], dict[str, Any] | None]:
+    """The phases of one resu mode against ``dense``, its transition cycles, and (with
+    ``--profile-commits``) its commit profiles."""
     ours = Trainer(args.model, mode)
     ours.step()
     controller = ours.compiled.resu
@@ -202,7 +254,9 @@ def _mode(
         enter()
         phases.append({"mode": mode, **_phase(name, ours, dense, dense_profile, args)})
     controller.commit()
-    return phases, _cycles(ours, args.cycles)
+    cycles = _cycles(ours, args.cycles)
+    profiles = _commit_profiles(ours, args.profile_commits) if args.profile_commits else None
+    return phases, cycles, profiles
 
 
 def main() -> None:
@@ -219,6 +273,9 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--cycles", type=int, default=4)
     parser.add_argument("--top", type=int, default=8, help="kernels listed per phase")
+    parser.add_argument(
+        "--profile-commits", type=int, default=0, help="cycles whose commit runs under the profiler"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/step_anatomy.py needs a CUDA GPU")
@@ -227,9 +284,9 @@ def main() -> None:
     dense = Trainer(args.model, "dense")
     dense.step()
     dense_profile = _kernel_profile(dense.step, args.profile_steps)
-    phases, cycles = [], {}
+    phases, cycles, commit_profiles = [], {}, {}
     for mode in args.modes.split(","):
-        mode_phases, cycles[mode] = _mode(mode, dense, dense_profile, args)
+        mode_phases, cycles[mode], commit_profiles[mode] = _mode(mode, dense, dense_profile, args)
         phases += mode_phases
 
     result = {
@@ -242,6 +299,7 @@ def main() -> None:
         },
         "phases": phases,
         "cycles": cycles,
+        "commit_profiles": commit_profiles,
     }
     write_json(out, result)
     rows = [
@@ -268,6 +326,10 @@ def main() -> None:
     for p in phases:
         print(f"\n{p['mode']} {p['phase']}: kernels against dense (ms per step)")
         print(tabulate(list(p["kernels_vs_dense_ms"].items()), floatfmt="+.3f"))
+    for mode, profiles in commit_profiles.items():
+        if profiles:
+            print(f"\n{mode}: commits under the profiler, ms: {profiles['commit_ms']}")
+            print(f"slowest:\n{profiles['slowest']}\nfastest:\n{profiles['fastest']}")
     for mode, mode_cycles in cycles.items():
         print(f"\n{mode}: transitions")
         print(tabulate(mode_cycles, headers="keys", floatfmt=".3g"))

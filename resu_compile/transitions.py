@@ -354,22 +354,51 @@ def _tournaments(
 def _revived_on_device(
     weights: list[ManagedWeight], old_bits: list[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Each weight's ever-resurrected bits (kept in host memory) on the mask's device, in one
-    host-to-device copy."""
-    host = [
-        w.revived_bits if w.revived_bits is not None else torch.zeros_like(bits, device="cpu")
-        for w, bits in zip(weights, old_bits, strict=True)
-    ]
-    if not host:
+    """Each weight's ever-resurrected bits (kept in host memory) on the mask's device.
+
+    After a commit they are consecutive slices of one page-locked buffer (:func:`_store_revived`),
+    which crosses in one DMA. Nothing is concatenated on the host: ATen spreads a large host ``cat``
+    over its thread pool, and on a busy host one descheduled pool thread stalled a commit by
+    200 ms. Bits from elsewhere (a checkpoint) cross one weight at a time; absent ones start at 0.
+    """
+    if not weights:
         return []
     device = old_bits[0].device
-    # Through page-locked memory the copy is one DMA; from pageable memory CUDA first copies it
-    # on the host, which on a busy host was a visible part of a commit.
-    flat = torch.cat(host, out=_host_buffer(sum(t.numel() for t in host), device))
-    flat = flat.to(device, non_blocking=True)
+    sizes = [bits.numel() for bits in old_bits]
+    host = [w.revived_bits for w in weights]
+    flat = _one_buffer(host, sizes)
+    if flat is not None:
+        on_device = flat.to(device, non_blocking=True)
+    else:
+        on_device = torch.cat(
+            [
+                torch.zeros(n, dtype=torch.uint8, device=device)
+                if bits is None
+                else bits.to(device, non_blocking=True)
+                for bits, n in zip(host, sizes, strict=True)
+            ]
+        )
     # A model spread over several devices: each weight's bits go where its mask lives.
-    parts = torch.split(flat, [t.numel() for t in host])
+    parts = torch.split(on_device, sizes)
     return [part.to(bits.device) for part, bits in zip(parts, old_bits, strict=True)]
+
+
+def _one_buffer(host: list[torch.Tensor | None], sizes: list[int]) -> torch.Tensor | None:
+    """The flat tensor whose consecutive slices ``host`` are, from its start, or None."""
+    if any(bits is None for bits in host):
+        return None
+    first = host[0]
+    storage = first.untyped_storage()  # type: ignore[union-attr]
+    offset = 0
+    for bits, size in zip(host, sizes, strict=True):
+        if (
+            bits.untyped_storage().data_ptr() != storage.data_ptr()  # type: ignore[union-attr]
+            or bits.storage_offset() != offset  # type: ignore[union-attr]
+            or bits.numel() != size  # type: ignore[union-attr]
+        ):
+            return None
+        offset += size
+    return first.new_empty(0).set_(storage, 0, (offset,), (1,))  # type: ignore[union-attr]
 
 
 def _store_revived(weights: list[ManagedWeight], revived: list[torch.Tensor]) -> None:

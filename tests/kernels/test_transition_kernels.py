@@ -117,3 +117,29 @@ def test_commit_bits(device: str) -> None:
         run.keep_state + run.revived, expected.keep_state + expected.revived, strict=True
     ):
         assert torch.equal(a.cpu(), b)
+
+
+def test_revived_bits_reach_the_device_from_one_buffer_or_one_by_one() -> None:
+    """After a commit the revived bits are slices of one host buffer and cross as one copy; bits
+    from a checkpoint (separate tensors) or absent ones (zeros) give the same result."""
+    from types import SimpleNamespace
+
+    from resu_compile.transitions import _one_buffer, _revived_on_device, _store_revived
+
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in (5, 1, 12)]
+    weights = [SimpleNamespace(revived_bits=None) for _ in parts]
+    _store_revived(weights, parts)  # type: ignore[arg-type]
+    stored = [w.revived_bits for w in weights]
+    assert _one_buffer(stored, [5, 1, 12]) is not None
+    assert _one_buffer(stored, [5, 1, 11]) is None
+    old_bits = [torch.zeros_like(p) for p in parts]
+    for revived in (stored, [p.clone() for p in parts]):
+        for weight, bits in zip(weights, revived, strict=True):
+            weight.revived_bits = bits
+        found = _revived_on_device(weights, old_bits)  # type: ignore[arg-type]
+        assert all(torch.equal(a, b) for a, b in zip(found, parts, strict=True))
+    weights[1].revived_bits = None
+    found = _revived_on_device(weights, old_bits)  # type: ignore[arg-type]
+    assert torch.equal(found[1], torch.zeros(1, dtype=torch.uint8))
+    assert torch.equal(found[2], parts[2])
