@@ -355,6 +355,34 @@ def sweep_section(result: dict[str, Any]) -> str:
     )
 
 
+def tuning_section(result: dict[str, Any]) -> str:
+    """The launch-configuration sweep behind ``fused_update.LAUNCH_CONFIGS``."""
+    rows = [
+        {
+            "dtype": r["dtype"],
+            "kernel": r["kernel"],
+            "BLOCK": r["BLOCK"],
+            "warps": r["warps"],
+            "elements/thread": r["elements/thread"],
+            "FP fusion": _flag(r["fp fusion"]),
+            "% of copy": f"{r['% of copy']:.1f}",
+            "default": _flag(r["default"]),
+        }
+        for r in result["rows"]
+    ]
+    shape = "x".join(map(str, result["shape"]))
+    return "\n\n".join(
+        [
+            "### Launch configurations of the update kernels",
+            _provenance(result, ["python -m benchmarks.tune_updates"]),
+            f"Shape {shape}; copy ceiling {result['copy_ceiling_GBps']:.0f} GB/s in the same run. "
+            "Every candidate runs with the default FP fusion setting, then the defaults with the "
+            "other one; `default` marks what `fused_update.LAUNCH_CONFIGS` and `FP_FUSION` hold.",
+            tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
+        ]
+    )
+
+
 def _quartiles(values: list[float] | None) -> str:
     return "" if not values else f"{values[0]:.3f}–{values[1]:.3f}"
 
@@ -390,6 +418,9 @@ def render(results: Path) -> str:
     kernels = _load(results / "kernels.json")
     if kernels:
         sections += ["## Kernels", kernels_section(kernels)]
+    tuning = _load(results / "tune_updates.json")
+    if tuning:
+        sections += [tuning_section(tuning)]
     sections += ["## Accuracy", accuracy_sections(results)]
     sweeps = [json.loads(p.read_text()) for p in sorted(results.glob("sweep-*.json"))]
     if sweeps:

@@ -237,3 +237,33 @@ def test_inline_fastest_sentence_is_computed_from_the_rows():
     assert "materialize" not in first  # never the fastest of anything here
     assert second.startswith("forward `dense` (2.000 ms), forward + backward `inline` (3.000 ms)")
     assert "forward + backward of x, W, theta `inline` (0.75x dense)" in second
+
+
+def test_tuning_section_shows_every_candidate_and_marks_the_default():
+    from benchmarks.render_results import tuning_section
+
+    env = {"device": "GPU", "torch": "2", "triton": "3", "date": "d"}
+
+    def row(block: int, warps: int, fusion: bool, default: bool, share: float) -> dict[str, Any]:
+        return {
+            "dtype": "bfloat16",
+            "kernel": "masked AdamW",
+            "BLOCK": block,
+            "warps": warps,
+            "elements/thread": block // (32 * warps),
+            "fp fusion": fusion,
+            "default": default,
+            "ms": 0.1,
+            "% of copy": share,
+        }
+
+    result = {
+        **env,
+        "shape": [4096, 4096],
+        "copy_ceiling_GBps": 3000.0,
+        "rows": [row(1024, 4, False, True, 93.04), row(4096, 8, False, False, 67.6)],
+    }
+    text = tuning_section(result)
+    rows = _table_rows(text, "bfloat16")
+    assert [r[-2:] for r in rows] == [["93.0", "yes"], ["67.6", "no"]]
+    assert "python -m benchmarks.tune_updates" in text and "4096x4096" in text

@@ -1262,9 +1262,8 @@ def fused_masked_adam_multi_(
     With ``theta`` (and ``keep_pruned``), the selected pruned coordinates take theta's AdamW in the
     same pass, reading and writing the same state tensors: the arithmetic of this call without
     ``theta`` followed by :func:`fused_theta_update_multi_` (rule ``adamw``), for one read and
-    write of every tensor instead of two (bit for bit in the interpreter; compiled, the
-    per-coordinate scalars may contract into FMAs differently, a rounding-level difference). The actives' weight decay must then be decoupled (or zero), and
-    ``maximize`` off.
+    write of every tensor instead of two (bit for bit, compiled too: see ``FP_FUSION``). The
+    actives' weight decay must then be decoupled (or zero), and ``maximize`` off.
     """
     scalars = _adam_scalars(step, lr, beta1, beta2, weight_decay)
     _check_found_inf("fused_masked_adam_multi_", found_inf, _device_of(params))
