@@ -49,3 +49,55 @@ def test_rider_equals_two_passes_through_the_bridge(monkeypatch: pytest.MonkeyPa
     one_pass = _through_resu_phase(True, monkeypatch)
     two_passes = _through_resu_phase(False, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(one_pass, two_passes, strict=True))
+
+
+def _consistency_run(interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The zoo MLP through its first RESU phase in consistency mode; the weights at the end."""
+    import resu_compile.kernels.consistency as consistency
+    import resu_compile.kernels.fused_update as fused_update
+    import resu_compile.kernels.segmented_topk as segmented_topk
+
+    torch._dynamo.reset()
+    calls: list[str] = []
+    if interpreted:  # the GPU's route: statistics, top-k and theta kernels, all weights at once
+        monkeypatch.setattr(updates, "_fused", lambda tensor: tensor.is_contiguous())
+        monkeypatch.setattr(consistency, "on_gpu", lambda tensors: True)
+        monkeypatch.setattr(segmented_topk, "on_gpu", lambda tensors: True)
+        for module, name in (
+            (consistency, "consistency_statistics_triton_"),
+            (segmented_topk, "topk_bits_triton"),
+            (fused_update, "fused_theta_update_multi_"),
+        ):
+            original = getattr(module, name)
+
+            def spy(*args, _original=original, _name=name, **kwargs):
+                calls.append(_name)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, spy)
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    compiled = resu.compile(
+        model, sparsity=0.7, cycles=1, steps_per_cycle=8, compiler="eager",
+        selection="consistency", consistency_tau=0.3,
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(8):
+        optimizer.zero_grad(set_to_none=True)
+        entry.loss_fn(compiled(*entry.make_batch(step))).backward()
+        compiled.resu.step(optimizer)
+    assert compiled.resu.resu_steps > 0
+    if interpreted:
+        assert {"consistency_statistics_triton_", "topk_bits_triton"} <= set(calls)
+        assert "fused_theta_update_multi_" in calls
+    monkeypatch.undo()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_consistency_mode_through_the_kernels_equals_the_references(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernels = _consistency_run(True, monkeypatch)
+    references = _consistency_run(False, monkeypatch)
+    for a, b in zip(kernels, references, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from resu_compile.kernels.bits import packed_numel
-from resu_compile.kernels.reference import check_theta_args
+from resu_compile.kernels.reference import check_consistency_args, check_theta_args
 
 # (BLOCK, num_warps) by (the parameter's element size, whether theta's AdamW rides along), from
 # benchmarks/tune_updates.py on an H100: 8 elements a thread (one 128-bit access per tensor in bf16,
@@ -273,6 +273,8 @@ def _theta_block(
     m_ptr,
     v_ptr,
     sel_ptr,
+    cm_ptr,
+    cv_ptr,
     start,
     n,
     lr,
@@ -285,17 +287,25 @@ def _theta_block(
     decay,
     neg_step_size,
     bc2_sqrt,
+    delta,
     RULE: tl.constexpr,
     HAS_WD: tl.constexpr,
+    CONSISTENCY: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """Unselected coordinates are stored back with the very bits that were loaded."""
+    """Unselected coordinates are stored back with the very bits that were loaded. With
+    ``CONSISTENCY`` the gradient is weighted by ``C = |cm| / (cv + delta)``, from the consistency
+    statistics ``cm``, ``cv`` (METHOD.md section 4)."""
     offs, inb = _tile(start, n, BLOCK, VEC)
     sel = _tile_bits(sel_ptr, start, n, BLOCK, VEC)
     p_old = tl.load(param_ptr + offs, mask=inb)
     p = p_old.to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=inb).to(tl.float32)
+    if CONSISTENCY:
+        cm = tl.load(cm_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        cv = tl.load(cv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        g = g * tl.div_rn(tl.abs(cm), cv + delta)
     if RULE == 2:
         m_old = tl.load(m_ptr + offs, mask=inb)
         v_old = tl.load(v_ptr + offs, mask=inb)
@@ -450,6 +460,8 @@ def _theta_update_kernel(
     m_ptr,
     v_ptr,
     sel_ptr,
+    cm_ptr,
+    cv_ptr,
     n,
     lr,
     beta1,
@@ -461,9 +473,11 @@ def _theta_update_kernel(
     decay,
     neg_step_size,
     bc2_sqrt,
+    delta,
     found_inf_ptr,
     RULE: tl.constexpr,
     HAS_WD: tl.constexpr,
+    CONSISTENCY: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
@@ -479,6 +493,8 @@ def _theta_update_kernel(
         m_ptr,
         v_ptr,
         sel_ptr,
+        cm_ptr,
+        cv_ptr,
         tl.program_id(0).to(tl.int64) * BLOCK,
         n,
         lr,
@@ -491,8 +507,10 @@ def _theta_update_kernel(
         decay,
         neg_step_size,
         bc2_sqrt,
+        delta,
         RULE,
         HAS_WD,
+        CONSISTENCY,
         BLOCK,
         VEC,
     )
@@ -683,16 +701,19 @@ def _theta_update_multi_kernel(
     decay,
     neg_step_size,
     bc2_sqrt,
+    delta,
     found_inf_ptr,
     RULE: tl.constexpr,
     HAS_WD: tl.constexpr,
+    CONSISTENCY: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """Address rows: param, grad, exp_avg if RULE >= 1, exp_avg_sq if RULE == 2, then the select
-    bits (row ``2 + RULE``: the rule id is also its number of state tensors)."""
+    """Address rows: param, grad, exp_avg if RULE >= 1, exp_avg_sq if RULE == 2 (the rule id is
+    also its number of state tensors), the consistency statistics m, v if CONSISTENCY, then the
+    select bits."""
     skip = False  # a constexpr: no branch at all without found_inf
     if HAS_FOUND_INF:  # loaded alongside the block table; skips before any weight or state
         skip = tl.load(found_inf_ptr) != 0
@@ -707,12 +728,21 @@ def _theta_update_multi_kernel(
         m_ptr = _multi_ptr(addrs_ptr, 2, n_tensors, t, dtype, ALIGNED)
     if RULE == 2:
         v_ptr = _multi_ptr(addrs_ptr, 3, n_tensors, t, dtype, ALIGNED)
+    cm_ptr = param_ptr  # stand-ins again, without CONSISTENCY
+    cv_ptr = param_ptr
+    bits_row = 2 + RULE
+    if CONSISTENCY:
+        cm_ptr = _multi_ptr(addrs_ptr, 2 + RULE, n_tensors, t, dtype, ALIGNED)
+        cv_ptr = _multi_ptr(addrs_ptr, 3 + RULE, n_tensors, t, dtype, ALIGNED)
+        bits_row = 4 + RULE
     _theta_block(
         param_ptr,
         _multi_ptr(addrs_ptr, 1, n_tensors, t, grad0_ptr.dtype.element_ty, ALIGNED),
         m_ptr,
         v_ptr,
-        _multi_ptr(addrs_ptr, 2 + RULE, n_tensors, t, tl.uint8, False),
+        _multi_ptr(addrs_ptr, bits_row, n_tensors, t, tl.uint8, False),
+        cm_ptr,
+        cv_ptr,
         start,
         n,
         lr,
@@ -725,8 +755,10 @@ def _theta_update_multi_kernel(
         decay,
         neg_step_size,
         bc2_sqrt,
+        delta,
         RULE,
         HAS_WD,
+        CONSISTENCY,
         BLOCK,
         VEC,
     )
@@ -1105,10 +1137,14 @@ def fused_theta_update_(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     found_inf: torch.Tensor | None = None,
+    consistency_m: torch.Tensor | None = None,
+    consistency_v: torch.Tensor | None = None,
+    delta: float = 1e-8,
 ) -> None:
     """Triton twin of :func:`reference.theta_update_` (same arguments and semantics; ``found_inf``
     is read on the device, as in the module docstring)."""
     check_theta_args(rule, exp_avg, exp_avg_sq)
+    consistency = check_consistency_args(consistency_m, consistency_v)
     uses_m, uses_v = rule != "sgd", rule == "adamw"
     _check(
         "fused_theta_update_",
@@ -1116,6 +1152,8 @@ def fused_theta_update_(
         grad,
         exp_avg if uses_m else None,
         exp_avg_sq if uses_v else None,
+        consistency_m,
+        consistency_v,
     )
     _check_bits("fused_theta_update_", select_bits, param)
     _check_found_inf("fused_theta_update_", found_inf, param.device)
@@ -1131,6 +1169,8 @@ def fused_theta_update_(
         exp_avg if uses_m else None,
         exp_avg_sq if uses_v else None,
         select_bits,
+        consistency_m,
+        consistency_v,
         n,
         float(lr),
         float(beta1),
@@ -1142,9 +1182,11 @@ def fused_theta_update_(
         scalars["decay"],
         scalars["neg_step_size"],
         scalars["bc2_sqrt"],
+        float(delta),
         found_inf,
         RULE=_RULE_IDS[rule],
         HAS_WD=weight_decay != 0,
+        CONSISTENCY=consistency,
         HAS_FOUND_INF=found_inf is not None,
         BLOCK=block,
         VEC=vec,
@@ -1337,21 +1379,27 @@ def fused_theta_update_multi_(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     found_inf: torch.Tensor | None = None,
+    consistency_ms: Sequence[torch.Tensor] | None = None,
+    consistency_vs: Sequence[torch.Tensor] | None = None,
+    delta: float = 1e-8,
 ) -> None:
     """:func:`fused_theta_update_` on every ``(params[i], grads[i], select_bits[i], ...)`` in one
     launch: the RESU phase's theta step over all managed weights.
 
-    ``exp_avgs`` / ``exp_avg_sqs`` are lists (one state per parameter) where the rule needs them;
-    lists as in :func:`fused_masked_sgd_multi_`. The reference is a loop of
-    :func:`reference.theta_update_`.
+    ``exp_avgs`` / ``exp_avg_sqs`` are lists (one state per parameter) where the rule needs them,
+    ``consistency_ms`` / ``consistency_vs`` in consistency mode; lists as in
+    :func:`fused_masked_sgd_multi_`. The reference is a loop of :func:`reference.theta_update_`.
     """
     check_theta_args(rule, exp_avgs, exp_avg_sqs)  # type: ignore[arg-type]  # presence only
+    consistency = check_consistency_args(consistency_ms, consistency_vs)  # type: ignore[arg-type]
     uses_m, uses_v = rule != "sgd", rule == "adamw"
     scalars = _adam_scalars(step if uses_v else 1, lr, beta1, beta2, weight_decay)
     _check_found_inf("fused_theta_update_multi_", found_inf, _device_of(params))
     states = [exp_avgs] if uses_m else []
     if uses_v:
         states.append(exp_avg_sqs)
+    if consistency:
+        states += [consistency_ms, consistency_vs]
     launch = _multi_launch(
         "fused_theta_update_multi_",
         params,
@@ -1378,9 +1426,11 @@ def fused_theta_update_multi_(
         scalars["decay"],
         scalars["neg_step_size"],
         scalars["bc2_sqrt"],
+        float(delta),
         found_inf,
         RULE=_RULE_IDS[rule],
         HAS_WD=weight_decay != 0,
+        CONSISTENCY=consistency,
         HAS_FOUND_INF=found_inf is not None,
         ALIGNED=launch.aligned,
         BLOCK=launch.block,

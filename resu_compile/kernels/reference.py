@@ -202,6 +202,9 @@ def theta_update_(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     found_inf: torch.Tensor | None = None,
+    consistency_m: torch.Tensor | None = None,
+    consistency_v: torch.Tensor | None = None,
+    delta: float = 1e-8,
 ) -> None:
     """The RESU-phase theta step (METHOD.md section 4) on the selected coordinates only.
 
@@ -213,14 +216,19 @@ def theta_update_(
       a non-zero ``weight_decay`` is added to ``g`` as in ``sgd``);
     - ``adamw``: bias-corrected AdamW with decoupled weight decay (``exp_avg``, ``exp_avg_sq``).
 
-    A set ``found_inf`` skips the step.
+    In consistency mode (``consistency_m``, ``consistency_v``: the statistics) the gradient is
+    weighted by ``C = |m| / (v + delta)``. A set ``found_inf`` skips the step.
     """
     check_theta_args(rule, exp_avg, exp_avg_sq)
+    consistency = check_consistency_args(consistency_m, consistency_v)
     if _skip(found_inf):
         return
     sel = unpack_bits(select_bits, param.shape)
     theta = param[sel].float()
     g = grad[sel].float()
+    if consistency:
+        cm, cv = consistency_m[sel].float(), consistency_v[sel].float()  # type: ignore[index]
+        g = g * (cm.abs() / (cv + delta))
     if rule == "adamw":
         assert exp_avg is not None and exp_avg_sq is not None
         m, v = exp_avg[sel].float(), exp_avg_sq[sel].float()
@@ -250,6 +258,13 @@ def theta_update_(
             g = m
         theta.add_(g, alpha=-lr)
     param[sel] = theta.to(param.dtype)
+
+
+def check_consistency_args(m: object | None, v: object | None) -> bool:
+    """Whether a theta step is consistency-weighted: both statistics given, or neither."""
+    if (m is None) != (v is None):
+        raise ValueError("theta_update_: consistency_m and consistency_v go together")
+    return m is not None
 
 
 def check_theta_args(

@@ -19,13 +19,21 @@ def update_statistics_(
     grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, pruned: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """Advance ``m`` and ``v`` in place on ``pruned`` only (other slots are left exactly as they
-    are: they may hold the user's optimizer state) and return ``C`` (0 outside ``pruned``)."""
+    are: they may hold the user's optimizer state) and return ``C`` (0 outside ``pruned``).
+
+    ``C`` is computed from the statistics as stored (in ``m``'s dtype), as the theta step that
+    weights the gradient by it reads them back."""
     g = grad.float()
     new_m = m.float() * beta + g * (1 - beta)
     new_v = v.float() * beta + g.abs() * (1 - beta)
     m.copy_(torch.where(pruned, new_m.to(m.dtype), m))
     v.copy_(torch.where(pruned, new_v.to(v.dtype), v))
-    return torch.where(pruned, new_m.abs() / (new_v + DELTA), 0.0)
+    return torch.where(pruned, consistency(m, v), 0.0)
+
+
+def consistency(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``C = |m| / (v + delta)`` in fp32."""
+    return m.float().abs() / (v.float() + DELTA)
 
 
 def select_consistent(

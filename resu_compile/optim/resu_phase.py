@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from resu_compile.kernels.bits import pack_bits
-from resu_compile.method.consistency import select_consistent, update_statistics_
+from resu_compile.kernels.consistency import consistency_statistics_
+from resu_compile.kernels.segmented_topk import topk_bits
 from resu_compile.optim.updates import ThetaRider, theta_update, weight_shaped_state
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class ResuPhaseStep:
         config = controller.config
         first_step = controller.resu_steps == 0
         self._clear_shared_slots(optimizer, taken)
-        grads, bits, moments = [], [], []
+        moments = []
         for weight, grad in taken:
             moment_pair = self.theta_moments(optimizer, weight)
             if config.selection == "topk" and self._reselects(first_step):
@@ -111,19 +111,19 @@ class ResuPhaseStep:
                 for moment in moment_pair:
                     if moment is not None:
                         moment.masked_fill_(restart, 0)
-            if config.selection == "consistency":
-                grad, selected = self._consistent_step(optimizer, weight, grad, found_inf)
-                bits.append(pack_bits(selected))
-            else:
-                bits.append(weight.select_bits)
-            grads.append(grad)
             moments.append(moment_pair)
+        consistency = None
+        if config.selection == "consistency":
+            bits, consistency = self._consistent_selection(optimizer, taken, found_inf)
+        else:
+            bits = [w.select_bits for w, _ in taken]
         theta_update(
             [w.param for w, _ in taken],
-            grads,
+            [g for _, g in taken],
             bits,
             [pair[0] for pair in moments],
             [pair[1] for pair in moments],
+            consistency,
             rule=config.theta_optimizer,
             lr=config.theta_lr,
             step=controller.resu_steps + 1,
@@ -174,31 +174,47 @@ class ResuPhaseStep:
         steps = self._controller.resu_steps
         return first_step or (refresh > 0 and steps % refresh == 0)
 
-    def _consistent_step(
+    def _consistent_selection(
         self,
         optimizer: torch.optim.Optimizer,
-        weight: ManagedWeight,
-        grad: torch.Tensor,
+        taken: list[tuple[ManagedWeight, torch.Tensor]],
         found_inf: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advance m, v on P; return ``(C * g, I)`` (METHOD.md section 4, consistency)."""
+    ) -> tuple[list[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Advance m, v on P and choose this step's subset I of every weight (METHOD.md section 4,
+        consistency): ``I = TopK(|g|, k_select)`` within ``TopK(|g|, k_screen) ∩ {C > tau}``.
+
+        Returns I as packed bits and the statistics, from which the theta step weights ``g`` by
+        ``C``. All weights at once: one statistics launch and two segmented top-k selections on
+        the GPU (:mod:`resu_compile.kernels.consistency`, :func:`topk_bits`).
+        """
         config = self._controller.config
-        pruned = ~weight.mask()
-        if found_inf is not None:  # a skipped step leaves the statistics as they were
-            pruned = pruned & ~found_inf.bool()
-            grad = grad.nan_to_num(0.0, 0.0, 0.0)
-        m, v = self.statistics(optimizer, weight)
-        consistency = update_statistics_(grad, m, v, pruned, config.consistency_beta)
-        p = weight.numel - weight.active_count()
-        selected = select_consistent(
-            grad,
-            consistency,
-            pruned,
-            int(config.screen_fraction * p),
-            int(config.alpha * p),
-            config.consistency_tau,
+        weights = [w for w, _ in taken]
+        grads = [g for _, g in taken]
+        stats = [self.statistics(optimizer, w) for w in weights]
+        ms, vs = [m for m, _ in stats], [v for _, v in stats]
+        consistent = consistency_statistics_(
+            grads,
+            ms,
+            vs,
+            [w.mask_bits for w in weights],  # type: ignore[misc]
+            beta=config.consistency_beta,
+            tau=config.consistency_tau,
+            found_inf=found_inf,
         )
-        return (consistency * grad.float()).to(grad.dtype), selected
+        pruned = [w.numel - w.active_count() for w in weights]
+        screened = topk_bits(
+            grads,
+            [int(config.screen_fraction * p) for p in pruned],
+            [(w.mask_bits, False) for w in weights],  # type: ignore[misc]
+            magnitude=True,
+        )
+        selected = topk_bits(
+            grads,
+            [int(config.alpha * p) for p in pruned],
+            [(s & c, True) for s, c in zip(screened, consistent, strict=True)],
+            magnitude=True,
+        )
+        return selected, (ms, vs)
 
     @torch.no_grad()
     def restart_state(

@@ -307,9 +307,12 @@ def theta_update(
     select_bits: list[torch.Tensor],
     exp_avgs: list[torch.Tensor | None],
     exp_avg_sqs: list[torch.Tensor | None],
+    consistency: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     **hyper: Any,
 ) -> None:
-    """The RESU phase's theta step for every managed weight (one fused launch on CUDA)."""
+    """The RESU phase's theta step for every managed weight (one fused launch on CUDA); with
+    ``consistency`` (the statistics m, v of each weight) each gradient is weighted by ``C``."""
+    none = [None] * len(params)
     _run(
         "theta_update_",
         {
@@ -318,6 +321,8 @@ def theta_update(
             "select_bits": select_bits,
             "exp_avg": exp_avgs,
             "exp_avg_sq": exp_avg_sqs,
+            "consistency_m": consistency[0] if consistency else none,
+            "consistency_v": consistency[1] if consistency else none,
         },
         **hyper,
     )
