@@ -54,6 +54,7 @@ RESU_MODES = {
     "resu:optimizer-mask": {"gradient_mask": "optimizer"},
     "resu:graph-mask": {"gradient_mask": "graph"},
     "resu:resu-linear": {"linear_op": "resu"},
+    "resu:consistency": {"selection": "consistency"},
 }
 MODES = ("dense", *RESU_MODES)
 
