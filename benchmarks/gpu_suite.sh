@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything this project runs on the GPU machine: GPU tests, kernel, transition and overhead
-# benchmarks, and (with ACCURACY=1, about 15 minutes more; the data folder copied to .data and
-# carried) the accuracy study. Logs and JSON go to $OUT (the device tool's output folder) and
+# Everything this project runs on the GPU machine: GPU tests, kernel benchmarks and the update
+# kernels' launch-configuration sweep, transition and overhead benchmarks, and (with ACCURACY=1,
+# about 15 minutes more; the data folder copied to .data and carried) the accuracy study. Logs and JSON go to $OUT (the device tool's output folder) and
 # benchmarks/results. The device tool limits one command to 10 minutes: run the parts as
 # separate calls there (each line below is one).
 set -u -o pipefail
@@ -13,6 +13,7 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log
 status=0
 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -15 || status=1
 python3 benchmarks/kernels.py --out benchmarks/results/kernels.json 2>&1 | tee "$out/kernels.log" | tail -30 || status=1
+python3 -m benchmarks.tune_updates --out benchmarks/results/tune_updates.json 2>&1 | tee "$out/tune_updates.log" | tail -5 || status=1
 python3 -m benchmarks.transitions --out benchmarks/results/transitions.json 2>&1 | tee "$out/transitions.log" | tail -30 || status=1
 python3 benchmarks/overhead.py --out benchmarks/results/overhead.json "$@" 2>&1 | tee "$out/overhead.log" | tail -40 || status=1
 if [ "${ACCURACY:-0}" = 1 ]; then

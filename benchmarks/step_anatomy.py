@@ -1,23 +1,25 @@
 """Where a training step's time goes: resu.compile against dense torch.compile, phase by phase.
 
 ``benchmarks/overhead.py`` says *how much* a phase costs against dense; this one says *where*. For
-one model it builds a dense ``torch.compile`` trainer and a ``resu.compile`` trainer in one
-process, and for each phase of ours (before the first prune, sparse, RESU) it measures, beside the
-same number of dense steps alternated with ours:
+one model it builds a dense ``torch.compile`` trainer and a ``resu.compile`` trainer (one per
+``--modes`` entry) in one process, and for each phase of ours (before the first prune, sparse,
+RESU) it measures, beside the same number of dense steps alternated with ours:
 
 - wall-clock step time (median of synchronised steps) and its ratio to dense: the median, and
   quartiles, of the ratios of alternated blocks (the host's speed drifts between blocks);
 - host time of each part of a step, timed without syncing (forward call, backward call, optimizer
   step): where the CPU is while the GPU works; the GPU waits only if the host falls behind it;
+- a cProfile of the optimizer step, ours and torch's;
 - GPU kernel time per step from the profiler, in total and for the kernels that differ most from
-  dense, and the host syncs issued (``cudaStreamSynchronize`` and friends);
+  dense, and the host syncs issued (``cudaStreamSynchronize`` and friends).
 
 It then times a few full prune / RESU entry / commit cycles with the garbage-collection pauses,
-Triton compilations, new allocator segments and allocator retries inside each, since commit times inside a compiled
-process were seen to vary tenfold. Usage (GPU machine):
+Triton compilations, new allocator segments and allocator retries inside each, and
+(``--profile-commits N``) profiles N commits, keeping the slowest and the fastest: commit times
+inside a compiled process were seen to vary tenfold. Usage (GPU machine):
 
     python -m benchmarks.step_anatomy --model vit [--modes resu,resu:graph-mask]
-        [--out benchmarks/results/step_anatomy-vit.json]
+        [--profile-commits 8] [--out benchmarks/results/step_anatomy-vit.json]
 """
 
 from __future__ import annotations
