@@ -105,9 +105,7 @@ class Trainer:
                 marks.append((name, time.perf_counter()))
 
         mark("start")
-        inputs, target = self.batch()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = self.loss_fn(self.compiled(inputs), target)
+        loss = self.loss()
         mark("forward")
         loss.backward()
         mark("backward")
@@ -121,6 +119,12 @@ class Trainer:
             self.optimizer.step()
         else:
             self.compiled.resu.step(self.optimizer)
+
+    def loss(self) -> torch.Tensor:
+        """The forward pass of one batch under bf16 autocast, to its loss."""
+        inputs, target = self.batch()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return self.loss_fn(self.compiled(inputs), target)
 
     def forward_only(self) -> None:
         inputs, _ = self.batch()

@@ -49,6 +49,7 @@ import triton.language as tl
 
 from resu_compile.kernels.bits import packed_numel
 from resu_compile.kernels.reference import check_consistency_args, check_theta_args
+from resu_compile.method.consistency import DELTA
 
 # (BLOCK, num_warps) by (the parameter's element size, whether theta's AdamW rides along), from
 # benchmarks/tune_updates.py on an H100: 8 elements a thread (one 128-bit access per tensor in bf16,
@@ -1139,7 +1140,7 @@ def fused_theta_update_(
     found_inf: torch.Tensor | None = None,
     consistency_m: torch.Tensor | None = None,
     consistency_v: torch.Tensor | None = None,
-    delta: float = 1e-8,
+    delta: float = DELTA,
 ) -> None:
     """Triton twin of :func:`reference.theta_update_` (same arguments and semantics; ``found_inf``
     is read on the device, as in the module docstring)."""
@@ -1381,7 +1382,7 @@ def fused_theta_update_multi_(
     found_inf: torch.Tensor | None = None,
     consistency_ms: Sequence[torch.Tensor] | None = None,
     consistency_vs: Sequence[torch.Tensor] | None = None,
-    delta: float = 1e-8,
+    delta: float = DELTA,
 ) -> None:
     """:func:`fused_theta_update_` on every ``(params[i], grads[i], select_bits[i], ...)`` in one
     launch: the RESU phase's theta step over all managed weights.

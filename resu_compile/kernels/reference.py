@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from resu_compile.kernels.bits import pack_bits, unpack_bits
+from resu_compile.method.consistency import DELTA
 from resu_compile.method.topk import topk_mask
 
 THETA_RULES = ("sgd", "momentum", "adamw")
@@ -204,7 +205,7 @@ def theta_update_(
     found_inf: torch.Tensor | None = None,
     consistency_m: torch.Tensor | None = None,
     consistency_v: torch.Tensor | None = None,
-    delta: float = 1e-8,
+    delta: float = DELTA,
 ) -> None:
     """The RESU-phase theta step (METHOD.md section 4) on the selected coordinates only.
 
