@@ -18,6 +18,7 @@ def compile(
     config: ResuConfig | None = None,
     dynamic: bool | None = None,
     fullgraph: bool = False,
+    inplace: bool = False,
     **options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` for RESU training; returns the compiled module with a ``.resu`` handle.
@@ -25,11 +26,17 @@ def compile(
     ``options`` are :class:`ResuConfig` fields (or pass ``config=``). Validation happens before
     anything is changed: a bad option, a model without parameters, or a filter that names a
     non-floating-point weight raises ``ValueError`` and leaves ``model`` as it was.
+
+    ``inplace=True`` compiles ``model`` itself (``nn.Module.compile``) and returns it: its type,
+    ``forward`` signature and ``state_dict`` keys stay those of the original class, which is what
+    frameworks that inspect the model (the HF ``Trainer``) need.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"resu.compile: model must be a torch.nn.Module, got {type(model).__name__}"
         )
+    if not isinstance(inplace, bool):
+        raise TypeError(f"resu.compile: inplace must be a bool, got {inplace!r}")
     if find_controller(model) is not None:
         raise ValueError("resu.compile: model is already compiled by resu-compile")
     if config is not None and (options or sparsity is not None):
@@ -41,11 +48,28 @@ def compile(
     _check_model(model, config)
     controller = PhaseController(config, {id(p): n for n, p in model.named_parameters()}, model)
     track(controller, model)
-    compiled = torch.compile(
-        model, backend=ResuBackend(controller), dynamic=dynamic, fullgraph=fullgraph
-    )
+    backend = ResuBackend(controller)
+    if inplace:
+        _compile_in_place(model, backend, dynamic=dynamic, fullgraph=fullgraph)
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     compiled.resu = controller
     return compiled
+
+
+def _compile_in_place(model: torch.nn.Module, backend: ResuBackend, **options: Any) -> None:
+    """What ``nn.Module.compile`` does, through a frame of our own.
+
+    ``nn.Module.compile`` compiles ``_call_impl`` directly, and Dynamo skips that frame for the
+    classes of ``torch.nn`` itself (``nn.Sequential``: nothing is ever captured, silently). A
+    wrapper defined here is traced and inlines the module's call, hooks included, for any class.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return model._call_impl(*args, **kwargs)
+
+    model._compiled_call_impl = torch.compile(call, backend=backend, **options)
 
 
 def controller(model: torch.nn.Module) -> PhaseController:

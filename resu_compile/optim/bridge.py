@@ -79,7 +79,8 @@ class OptimizerBridge:
             )
         if self._hooks:
             raise RuntimeError("attach(): an optimizer is already attached; call detach() first")
-        self._validate(optimizer)
+        if len(self._controller.state):  # before the first forward, the first step checks it
+            self._validate(optimizer)
         self._hooks = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before(opt)),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after(opt)),
