@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_telemetry() -> ModuleType:
-    """``resu_compile/telemetry.py`` loaded by path, not through the package.
+    """``resu_compile/views/telemetry.py`` loaded by path, not through the package.
 
     The package's ``__init__`` imports torch (seconds to load, and not needed to read a JSON
     file); telemetry itself needs only tabulate. Loading by path also works from any directory
     without installing the package.
     """
     spec = importlib.util.spec_from_file_location(
-        "_resu_telemetry", ROOT / "resu_compile" / "telemetry.py"
+        "_resu_telemetry", ROOT / "resu_compile" / "views" / "telemetry.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -4,7 +4,7 @@ The transitions run between steps, over every managed weight at once, so their c
 controller's own: no graph is involved. This benchmark builds GPT-2-small's 48 managed weights
 (12 blocks of qkv 768x2304, attention out 768x768, MLP in 768x3072 and out 3072x768: 85M weights,
 fp32 as under bf16 autocast) with a fused AdamW holding state for each, registers them with a
-manual :class:`~resu_compile.phases.PhaseController` in the default configuration, and times full
+manual :class:`~resu_compile.runtime.controller.PhaseController` in the default configuration, and times full
 cycles: prune, RESU entry, one theta step's worth of change, commit. A first cycle warms up CUDA's
 lazy kernel loading; the table reports the median of the later cycles (``torch.cuda.synchronize``
 on both sides, wall-clock) and, from one profiled cycle, the number of kernel launches and of
@@ -28,7 +28,7 @@ from tabulate import tabulate
 
 from benchmarks.common import environment, timed_ms, write_json
 from resu_compile.config import ResuConfig
-from resu_compile.phases import PhaseController
+from resu_compile.runtime.controller import PhaseController
 
 SPARSITY = 0.7
 TRANSITIONS = ("prune", "enter_resu", "commit")

@@ -10,7 +10,8 @@ model.resu.step(optimizer)                    # instead of optimizer.step()
 from resu_compile.api import compile, controller
 from resu_compile.backend import register as _register_backend
 from resu_compile.config import ResuConfig
-from resu_compile.phases import Phase, PhaseController
+from resu_compile.runtime.controller import PhaseController
+from resu_compile.runtime.phase import Phase
 
 _register_backend()
 

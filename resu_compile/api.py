@@ -8,7 +8,7 @@ import torch
 
 from resu_compile.backend import ResuBackend, find_controller, track
 from resu_compile.config import ResuConfig
-from resu_compile.phases import PhaseController
+from resu_compile.runtime.controller import PhaseController
 
 
 def compile(

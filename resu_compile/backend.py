@@ -9,7 +9,6 @@ current phase needs. Variants are compiled once and cached; a phase switch is a 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ from resu_compile.config import ResuConfig
 from resu_compile.passes.match import WeightCandidate, find_weight_candidates
 from resu_compile.passes.rewrite import VariantSpec, build_variant
 from resu_compile.passes.select import skip_reason
-from resu_compile.phases import PhaseController
+from resu_compile.runtime.controller import PhaseController
 from resu_compile.state import ManagedWeight
 
 # Controllers created by the "resu" backend name, per root module (graphs of one model, split by
@@ -124,13 +123,13 @@ class GraphDispatcher:
             return self._variants["dense"](*args)
         controller, weights = self._binding(args)
         name = controller.graph_variant()
+        controller.record_forward(name)
         return self._variant(name, weights)(*args, *_extra_inputs(VARIANTS[name], weights))
 
     def _variant(self, name: str, weights: list[ManagedWeight]) -> Callable[..., Any]:
         compiled = self._variants.get(name)
         if compiled is None:
             spec = VARIANTS[name]
-            spec = dataclasses.replace(spec, resu_linear=self._config.linear_op == "resu")
             variant = build_variant(self._gm, self._placeholders, self._uses, spec)
             inputs = [*self._example_inputs, *_extra_inputs(spec, weights)]
             with contextlib.ExitStack() as stack:

@@ -1,7 +1,10 @@
 """ResuConfig: every option of resu-compile in one validated, serialisable object.
 
-Options are validated when the config is built, so a typo or an out-of-range value fails before any
-model is touched, with a message naming the option and what is allowed.
+Each option is a field declared with :func:`option`: its section (``section``), the rule its value
+must follow (``check``), the method or mode it belongs to (``scope``) and whether a checkpoint must
+match it to be loaded (``checkpoint``). Validation runs when the config is built, so a typo or an
+out-of-range value fails before any model is touched, with a message naming the option and what is
+allowed. The README's "Options" table documents every field.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import dataclasses
 import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from resu_compile.method.pruning import CRITERIA, DISTRIBUTIONS
@@ -25,144 +28,177 @@ THETA_OPTIMIZERS = ("sgd", "momentum", "adamw")
 AMNESTY_SCORES = ("magnitude", "gradient", "wanda")
 NAN_POLICIES = ("skip", "raise")
 GRADIENT_MASKS = ("graph", "optimizer")
-LINEAR_OPS = ("aten", "resu")
+SECTIONS = ("method", "schedule", "weights", "pruning", "resu", "amnesty", "rigl", "runtime")
 
 
-def _require(condition: bool, option: str, allowed: str, value: Any) -> None:
-    if not condition:
-        raise ValueError(f"ResuConfig: option '{option}' must be {allowed}, got {value!r}")
+@dataclass(frozen=True)
+class Check:
+    """What one option allows: a predicate and the words that say it in an error."""
+
+    allowed: str
+    test: Callable[[Any], bool]
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite real number (NaN and infinities are never a valid option value)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _in_range(value: Any, low: float, high: float, *, high_open: bool = False) -> bool:
-    if not _is_number(value) or math.isnan(value):
-        return False
-    return low <= value < high if high_open else low <= value <= high
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def one_of(values: Sequence[Any]) -> Check:
+    return Check(f"one of {tuple(values)}", lambda v: v in values)
+
+
+def number(
+    low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False
+) -> Check:
+    """A real number from ``low`` to ``high`` (each end closed unless said open)."""
+    if high == math.inf:
+        words = f"a number {'>' if open_low else '>='} {low:g}"
+    else:
+        words = (
+            f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        )
+
+    def test(v: Any) -> bool:
+        if not _is_number(v):
+            return False
+        above = v > low if open_low else v >= low
+        return above and (v < high if open_high else v <= high)
+
+    return Check(words, test)
+
+
+def integer(at_least: int, meaning: str = "") -> Check:
+    return Check(f"an integer >= {at_least}{meaning}", lambda v: _is_int(v) and v >= at_least)
+
+
+BOOL = Check("a bool", lambda v: isinstance(v, bool))
+INT = Check("an integer", _is_int)
+OPTIONAL_POSITIVE_INT = Check(
+    "a positive integer or None", lambda v: v is None or (_is_int(v) and v >= 1)
+)
+BETAS = Check(
+    "two numbers in [0, 1)",
+    lambda v: isinstance(v, tuple) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+)
+FRACTIONS = Check(
+    "three numbers in [0, 1] (train, stabilize, resu) summing to 1",
+    lambda v: (
+        isinstance(v, tuple)
+        and len(v) == 3
+        and all(_is_number(f) and 0 <= f <= 1 for f in v)
+        and abs(sum(v) - 1.0) < 1e-6
+    ),
+)
+CALLABLE_OR_NONE = Check("None or a callable (model, cycle)", lambda v: v is None or callable(v))
+FILTER = Check(
+    "a glob string, a list of globs, or a callable (name, param) -> bool",
+    lambda v: (
+        v is None
+        or callable(v)
+        or isinstance(v, str)
+        or (isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v))
+    ),
+)
+
+
+def option(
+    default: Any,
+    section: str,
+    check: Check | None,
+    *,
+    checkpoint: bool = False,
+    scope: str | None = None,
+) -> Any:
+    """Declare an option: ``scope`` names the method or mode it applies to (None: all);
+    ``checkpoint``: a checkpoint saved under another value is refused (it changes what the saved
+    masks and theta mean)."""
+    assert section in SECTIONS, section
+    return field(
+        default=default,
+        metadata={"section": section, "check": check, "checkpoint": checkpoint, "scope": scope},
+    )
 
 
 @dataclass(frozen=True)
 class ResuConfig:
-    """Options of a RESU run. Defaults follow METHOD.md except where the accuracy study says
-    otherwise (README, "Defaults from evidence"): the theta-optimizer is "adamw" at 1e-3 (METHOD.md:
-    sgd at 1e-4; ``benchmarks/sweep_defaults.py``), and the RESU phase no longer freezes the rest of
-    the network (``freeze_active=False, freeze_others=False``; METHOD.md freezes both), which
-    ``benchmarks/accuracy.py`` measures as ``resu-unfrozen`` against the frozen ``resu-random``.
+    """Options of a RESU run (or of a baseline on the same compile path).
 
-    Method:
-        method: "resu" (the RESU cycle), or a baseline on the same compile path: "dense" (never
-            prunes), "oneshot" (one prune to ``sparsity`` at the end of cycle 0's TRAIN phase, then
-            masked fine-tuning), "gmp" (gradual magnitude pruning: a prune per cycle, no RESU
-            phase, cubic schedule by default) or "rigl" (random init at ``sparsity`` before the
-            first step, ERK by default, then RigL's drop / grow every ``rigl_interval`` steps until
-            ``rigl_end`` of the run with the cosine-decayed fraction ``rigl_fraction``).
-    Schedule:
-        sparsity: final fraction of pruned weights per managed layer, in [0, 1).
-        cycles: number of TRAIN / PRUNE / STABILIZE / RESU / COMMIT cycles.
-        steps_per_cycle / total_steps: cycle length in optimizer steps (give at most one;
-            ``total_steps`` is split evenly over the cycles). Default: 1000 steps per cycle.
-        phase_fractions: (train, stabilize, resu) shares of a cycle; they must sum to 1.
-        schedule: "linear" (s * (c + 1) / C), "cubic" (Zhu & Gupta), "constant", or an explicit
-            list of per-cycle sparsities (one per cycle, each in [0, 1); a decreasing list
-            densifies). Default: "cubic" for gmp, "constant" with a ``pattern``, else "linear".
-        pause_after, on_pause: cycles after which the schedule pauses. The controller then calls
-            ``on_pause(model, cycle)`` with the module given to ``resu.compile`` (e.g. a
-            reinforcement-learning stage, which may train it, compiled or not: masks stay enforced
-            and its steps do not move the schedule) and resumes; with no
-            callback it stays paused until ``model.resu.resume()``.
-        manual: if True the controller never changes phase by itself; the user calls
-            ``prune()``, ``enter_resu()`` and ``commit()`` (method "resu" only).
-    Which weights:
-        include / exclude: glob pattern(s) on parameter names, or a callable
-            ``(name, param) -> bool``. Applied on top of the default rule (2-D+ float params used
-            only as matmul weights).
-    Pruning:
-        criterion, distribution: pruning rule (section 3 of METHOD.md). "wanda" compares
-            ``|W| * ||X_j||`` within each output row and needs input norms recorded by forward
-            passes inside ``model.resu.calibrate()`` before each prune; "global" and "erk" set
-            per-layer counts that the later commits keep. Distribution default: "erk" for rigl,
-            else "uniform".
-        pattern: "N:M" (e.g. "2:4") keeps the top N of every M consecutive inputs of a row at
-            every prune and commit; ``sparsity`` must then be 1 - N/M.
-    RESU phase:
-        selection, alpha: which pruned coordinates train, and what fraction: "random" (default),
-            "all", "topk" (largest ``|G|`` at the phase's first step, re-chosen every ``refresh``
-            RESU steps if ``refresh`` > 0) or "consistency" (per step, see METHOD.md; ``alpha`` is
-            k_select / p, ``screen_fraction`` k_screen / p, ``consistency_tau`` the threshold on
-            C and ``consistency_beta`` the EMA factor; the theta-optimizer steps on ``C * g``).
-        freeze_active: if True, active weights keep their values during RESU (METHOD.md's
-            rule). Default False: the user's optimizer keeps training them (masked) while theta
-            trains, with theta's state still in the optimizer's pruned slots.
-        freeze_others: if True, parameters that are not managed (biases, norms, embeddings) are
-            frozen during RESU too (METHOD.md's rule; default False).
-        theta_optimizer, theta_lr, theta_betas, theta_weight_decay, theta_init_eps: the RESU
-            phase's optimizer for theta and its initialisation ``eps * sigma_A * N(0, 1)``.
-        amnesty, amnesty_score, r_start, r_end: the commit tournament and its budget r(c); scores
-            "magnitude" ``|W_eff|``, "gradient" ``|W_eff| * |G|`` (G of the last RESU step) or
-            "wanda" ``|W_eff| * ||X_j||`` (needs calibrate passes).
-        carry_theta_state: a resurrected weight keeps theta's optimizer state (first / second
-            moments) instead of starting from zero.
-        seed: seeds every random draw (selection, theta init) so runs are reproducible.
-        nan_policy: "skip" leaves masks, theta and weights untouched on a step whose managed
-            gradients hold NaN/Inf (and counts it); "raise" raises instead.
-    Compiler:
-        compiler: inner compiler the rewritten graphs are handed to.
-        gradient_mask: where sparse phases apply the mask: "optimizer" (our fused masked SGD /
-            Adam / AdamW update, one multi-tensor launch) or "graph" (zeroed in the compiled
-            backward, fused into the kernel that writes the gradient, after which the user's own
-            optimizer keeps pruned weights at zero). benchmarks/overhead.py measures both; the
-            default is the faster one there.
-        linear_op: "aten" keeps the captured matmuls; "resu" routes linear-like uses through the
-            ``resu::linear`` custom op (the extension point for storage modes that keep theta
-            apart). benchmarks/overhead.py measures both.
+    Defaults follow METHOD.md except where the accuracy study says otherwise (README, "Defaults from
+    evidence"). The README's "Options" table says what every option means and allows.
     """
 
-    method: str = "resu"
-    sparsity: float = 0.7
-    cycles: int = 5
-    steps_per_cycle: int | None = None
-    total_steps: int | None = None
-    phase_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
-    schedule: str | tuple[float, ...] | None = None
-    pause_after: tuple[int, ...] = ()
-    on_pause: Callable[[Any, int], None] | None = None
-    manual: bool = False
-    include: ParamFilter = None
-    exclude: ParamFilter = None
-    criterion: str = "magnitude"
-    distribution: str | None = None
-    pattern: str | None = None
-    selection: str = "random"
-    alpha: float = 0.2
-    refresh: int = 0
-    screen_fraction: float = 0.5
-    consistency_tau: float = 0.5
-    consistency_beta: float = 0.9
-    freeze_active: bool = False
-    theta_optimizer: str = "adamw"
-    theta_lr: float = 1e-3
-    theta_betas: tuple[float, float] = (0.9, 0.999)
-    theta_weight_decay: float = 0.0
-    theta_init_eps: float = 0.1
-    freeze_others: bool = False
-    amnesty: bool = True
-    amnesty_score: str = "magnitude"
-    r_start: float = 0.10
-    r_end: float = 0.02
-    carry_theta_state: bool = False
-    rigl_interval: int = 100
-    rigl_fraction: float = 0.3
-    rigl_end: float = 0.75
-    seed: int = 0
-    nan_policy: str = "skip"
-    compiler: str = "inductor"
-    gradient_mask: str = "optimizer"
-    linear_op: str = "aten"
+    # -- method
+    method: str = option("resu", "method", one_of(METHODS), checkpoint=True)
+    # -- schedule
+    sparsity: float = option(0.7, "schedule", number(0, 1, open_high=True), checkpoint=True)
+    cycles: int = option(5, "schedule", integer(1), checkpoint=True)
+    steps_per_cycle: int | None = option(None, "schedule", OPTIONAL_POSITIVE_INT)
+    total_steps: int | None = option(None, "schedule", OPTIONAL_POSITIVE_INT)
+    phase_fractions: tuple[float, float, float] = option((0.6, 0.1, 0.3), "schedule", FRACTIONS)
+    schedule: str | tuple[float, ...] | None = option(None, "schedule", None, checkpoint=True)
+    pause_after: tuple[int, ...] = option((), "schedule", None, checkpoint=True)
+    on_pause: Callable[[Any, int], None] | None = option(None, "schedule", CALLABLE_OR_NONE)
+    manual: bool = option(False, "schedule", BOOL, scope="resu")
+    # -- which weights
+    include: ParamFilter = option(None, "weights", FILTER)
+    exclude: ParamFilter = option(None, "weights", FILTER)
+    # -- pruning
+    criterion: str = option("magnitude", "pruning", one_of(CRITERIA), checkpoint=True)
+    distribution: str | None = option(None, "pruning", one_of(DISTRIBUTIONS), checkpoint=True)
+    pattern: str | None = option(None, "pruning", None, checkpoint=True)
+    # -- the RESU phase
+    selection: str = option("random", "resu", one_of(SELECTIONS), checkpoint=True, scope="resu")
+    alpha: float = option(0.2, "resu", number(0, 1, open_low=True), checkpoint=True, scope="resu")
+    refresh: int = option(
+        0,
+        "resu",
+        integer(0, " (RESU steps between topk re-selections; 0: never)"),
+        checkpoint=True,
+        scope="selection=topk",
+    )
+    screen_fraction: float = option(
+        0.5, "resu", number(0, 1), checkpoint=True, scope="selection=consistency"
+    )
+    consistency_tau: float = option(
+        0.5, "resu", number(0, 1), checkpoint=True, scope="selection=consistency"
+    )
+    consistency_beta: float = option(
+        0.9, "resu", number(0, 1, open_high=True), checkpoint=True, scope="selection=consistency"
+    )
+    freeze_active: bool = option(False, "resu", BOOL, checkpoint=True, scope="resu")
+    freeze_others: bool = option(False, "resu", BOOL, scope="resu")
+    theta_optimizer: str = option(
+        "adamw", "resu", one_of(THETA_OPTIMIZERS), checkpoint=True, scope="resu"
+    )
+    theta_lr: float = option(1e-3, "resu", number(0, math.inf, open_low=True), scope="resu")
+    theta_betas: tuple[float, float] = option((0.9, 0.999), "resu", BETAS, scope="resu")
+    theta_weight_decay: float = option(0.0, "resu", number(0), scope="resu")
+    theta_init_eps: float = option(0.1, "resu", number(0), scope="resu")
+    # -- the commit's amnesty
+    amnesty: bool = option(True, "amnesty", BOOL, checkpoint=True, scope="resu")
+    amnesty_score: str = option(
+        "magnitude", "amnesty", one_of(AMNESTY_SCORES), checkpoint=True, scope="resu"
+    )
+    r_start: float = option(0.10, "amnesty", number(0, 1), checkpoint=True, scope="resu")
+    r_end: float = option(0.02, "amnesty", number(0, 1), checkpoint=True, scope="resu")
+    carry_theta_state: bool = option(False, "amnesty", BOOL, checkpoint=True, scope="resu")
+    # -- RigL
+    rigl_interval: int = option(100, "rigl", integer(1), checkpoint=True, scope="rigl")
+    rigl_fraction: float = option(0.3, "rigl", number(0, 1), checkpoint=True, scope="rigl")
+    rigl_end: float = option(0.75, "rigl", number(0, 1), checkpoint=True, scope="rigl")
+    # -- runtime
+    seed: int = option(0, "runtime", INT)
+    nan_policy: str = option("skip", "runtime", one_of(NAN_POLICIES))
+    compiler: str = option("inductor", "runtime", one_of(COMPILERS))
+    gradient_mask: str = option("optimizer", "runtime", one_of(GRADIENT_MASKS))
 
     def __post_init__(self) -> None:
-        for name in ("schedule", "pause_after"):
+        for name in ("schedule", "pause_after", "phase_fractions", "theta_betas"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.schedule is None:
@@ -170,11 +206,12 @@ class ResuConfig:
             object.__setattr__(self, "schedule", "constant" if self.pattern else default)
         if self.distribution is None:
             object.__setattr__(self, "distribution", "erk" if self.method == "rigl" else "uniform")
-        for name in ("phase_fractions", "theta_betas"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        self._validate()
+        for f in dataclasses.fields(self):
+            check = f.metadata["check"]
+            value = getattr(self, f.name)
+            if check is not None and not check.test(value):
+                _fail(f.name, check.allowed, value)
+        self._validate_together()
 
     # -- construction -------------------------------------------------------------------------
 
@@ -184,9 +221,14 @@ class ResuConfig:
 
         Unknown names raise ``ValueError`` listing the allowed ones.
         """
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(
+                f"ResuConfig: options must be a dict of option names to values, got "
+                f"{type(options).__name__}"
+            )
         merged: dict[str, Any] = dict(options or {})
         merged.update(kwargs)
-        allowed = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+        allowed = cls.option_names()
         unknown = sorted(set(merged) - set(allowed))
         if unknown:
             raise ValueError(
@@ -194,18 +236,30 @@ class ResuConfig:
             )
         return cls(**merged)
 
+    @classmethod
+    def option_names(cls, section: str | None = None) -> list[str]:
+        """Every option's name (of one section, if given), in declaration order."""
+        return [
+            f.name
+            for f in dataclasses.fields(cls)
+            if section is None or f.metadata["section"] == section
+        ]
+
+    @classmethod
+    def checkpoint_options(cls) -> list[str]:
+        """The options a checkpoint must match to be loaded."""
+        return [f.name for f in dataclasses.fields(cls) if f.metadata["checkpoint"]]
+
     def to_dict(self) -> dict[str, Any]:
         """Serialisable view (callable filters are recorded by their repr only)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name.startswith("_"):
-                continue
-            value = getattr(self, f.name)
+        for name in self.option_names():
+            value = getattr(self, name)
             if callable(value):
                 value = f"<callable {getattr(value, '__qualname__', repr(value))}>"
             elif isinstance(value, tuple):
                 value = list(value)
-            out[f.name] = value
+            out[name] = value
         return out
 
     # -- derived quantities -------------------------------------------------------------------
@@ -246,7 +300,53 @@ class ResuConfig:
             return False
         return not (self.exclude is not None and _matches(self.exclude, name, param))
 
-    # -- validation ---------------------------------------------------------------------------
+    # -- rules across options -----------------------------------------------------------------
+
+    def _validate_together(self) -> None:
+        if self.steps_per_cycle is not None and self.total_steps is not None:
+            raise ValueError("ResuConfig: give at most one of 'steps_per_cycle' and 'total_steps'")
+        _require(
+            self.cycle_length >= 1,
+            "total_steps",
+            f"at least 'cycles' ({self.cycles}) steps",
+            self.total_steps,
+        )
+        train, _, resu = self.phase_steps
+        _require(
+            resu >= 1 and train >= 0,
+            "phase_fractions",
+            f"a split that leaves the RESU phase at least 1 of the {self.cycle_length} steps per cycle",
+            self.phase_fractions,
+        )
+        if isinstance(self.schedule, tuple):
+            _require(
+                len(self.schedule) == self.cycles
+                and all(_is_number(s) and 0 <= s < 1 for s in self.schedule),
+                "schedule",
+                f"one of {SCHEDULES} or a list of {self.cycles} sparsities in [0, 1)",
+                self.schedule,
+            )
+        else:
+            _require(
+                self.schedule in SCHEDULES,
+                "schedule",
+                f"one of {SCHEDULES} or a list of per-cycle sparsities",
+                self.schedule,
+            )
+        _require(
+            not self.manual or self.method == "resu",
+            "manual",
+            "False unless method is 'resu' (the baselines run their own schedule)",
+            self.manual,
+        )
+        _require(
+            isinstance(self.pause_after, tuple)
+            and all(_is_int(c) and 0 <= c < self.cycles for c in self.pause_after),
+            "pause_after",
+            f"a list of cycle numbers in [0, {self.cycles})",
+            self.pause_after,
+        )
+        self._validate_pattern()
 
     def _validate_pattern(self) -> None:
         if self.pattern is None:
@@ -279,198 +379,14 @@ class ResuConfig:
             self.method,
         )
 
-    def _validate(self) -> None:
-        _require(self.method in METHODS, "method", f"one of {METHODS}", self.method)
-        _require(
-            _in_range(self.sparsity, 0.0, 1.0, high_open=True),
-            "sparsity",
-            "a number in [0, 1)",
-            self.sparsity,
-        )
-        _require(
-            isinstance(self.cycles, int) and not isinstance(self.cycles, bool) and self.cycles >= 1,
-            "cycles",
-            "an integer >= 1",
-            self.cycles,
-        )
-        if self.steps_per_cycle is not None and self.total_steps is not None:
-            raise ValueError("ResuConfig: give at most one of 'steps_per_cycle' and 'total_steps'")
-        for name in ("steps_per_cycle", "total_steps"):
-            value = getattr(self, name)
-            _require(
-                value is None
-                or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
-                name,
-                "a positive integer or None",
-                value,
-            )
-        fractions = self.phase_fractions
-        _require(
-            isinstance(fractions, tuple)
-            and len(fractions) == 3
-            and all(_in_range(f, 0.0, 1.0) for f in fractions)
-            and abs(sum(fractions) - 1.0) < 1e-6,
-            "phase_fractions",
-            "three numbers in [0, 1] (train, stabilize, resu) summing to 1",
-            fractions,
-        )
-        _require(
-            self.cycle_length >= 1,
-            "total_steps",
-            f"at least 'cycles' ({self.cycles}) steps",
-            self.total_steps,
-        )
-        train, _, resu = self.phase_steps
-        _require(
-            resu >= 1 and train >= 0,
-            "phase_fractions",
-            f"a split that leaves the RESU phase at least 1 of the {self.cycle_length} steps per cycle",
-            fractions,
-        )
-        if isinstance(self.schedule, tuple):
-            _require(
-                len(self.schedule) == self.cycles
-                and all(_in_range(s, 0.0, 1.0, high_open=True) for s in self.schedule),
-                "schedule",
-                f"one of {SCHEDULES} or a list of {self.cycles} sparsities in [0, 1)",
-                self.schedule,
-            )
-        else:
-            _require(
-                self.schedule in SCHEDULES,
-                "schedule",
-                f"one of {SCHEDULES} or a list of per-cycle sparsities",
-                self.schedule,
-            )
-        _require(isinstance(self.manual, bool), "manual", "a bool", self.manual)
-        _require(
-            not self.manual or self.method == "resu",
-            "manual",
-            "False unless method is 'resu' (the baselines run their own schedule)",
-            self.manual,
-        )
-        _require(
-            isinstance(self.pause_after, tuple)
-            and all(_is_int(c) and 0 <= c < self.cycles for c in self.pause_after),
-            "pause_after",
-            f"a list of cycle numbers in [0, {self.cycles})",
-            self.pause_after,
-        )
-        _require(
-            self.on_pause is None or callable(self.on_pause),
-            "on_pause",
-            "None or a callable (model, cycle)",
-            self.on_pause,
-        )
-        self._validate_pattern()
-        for name in ("include", "exclude"):
-            _validate_filter(name, getattr(self, name))
-        for name, allowed in (
-            ("criterion", CRITERIA),
-            ("distribution", DISTRIBUTIONS),
-            ("selection", SELECTIONS),
-            ("theta_optimizer", THETA_OPTIMIZERS),
-            ("amnesty_score", AMNESTY_SCORES),
-            ("nan_policy", NAN_POLICIES),
-            ("compiler", COMPILERS),
-            ("gradient_mask", GRADIENT_MASKS),
-            ("linear_op", LINEAR_OPS),
-        ):
-            value = getattr(self, name)
-            _require(value in allowed, name, f"one of {allowed}", value)
-        _require(
-            _in_range(self.alpha, 0.0, 1.0) and self.alpha > 0,
-            "alpha",
-            "a number in (0, 1]",
-            self.alpha,
-        )
-        _require(
-            _in_range(self.theta_lr, 0.0, math.inf) and self.theta_lr > 0,
-            "theta_lr",
-            "a positive number",
-            self.theta_lr,
-        )
-        betas = self.theta_betas
-        _require(
-            isinstance(betas, tuple)
-            and len(betas) == 2
-            and all(_in_range(b, 0.0, 1.0, high_open=True) for b in betas),
-            "theta_betas",
-            "two numbers in [0, 1)",
-            betas,
-        )
-        _require(
-            _in_range(self.theta_weight_decay, 0.0, math.inf),
-            "theta_weight_decay",
-            "a number >= 0",
-            self.theta_weight_decay,
-        )
-        _require(
-            _in_range(self.theta_init_eps, 0.0, math.inf),
-            "theta_init_eps",
-            "a number >= 0",
-            self.theta_init_eps,
-        )
-        for name in ("amnesty", "freeze_others", "freeze_active", "carry_theta_state"):
-            _require(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
-        _require(
-            _is_int(self.refresh) and self.refresh >= 0,
-            "refresh",
-            "an integer >= 0 (RESU steps between topk re-selections; 0: never)",
-            self.refresh,
-        )
-        for name in ("screen_fraction", "consistency_tau"):
-            value = getattr(self, name)
-            _require(_in_range(value, 0.0, 1.0), name, "a number in [0, 1]", value)
-        _require(
-            _in_range(self.consistency_beta, 0.0, 1.0, high_open=True),
-            "consistency_beta",
-            "a number in [0, 1)",
-            self.consistency_beta,
-        )
-        _require(
-            _is_int(self.rigl_interval) and self.rigl_interval >= 1,
-            "rigl_interval",
-            "an integer >= 1",
-            self.rigl_interval,
-        )
-        _require(
-            _in_range(self.rigl_fraction, 0.0, 1.0),
-            "rigl_fraction",
-            "a number in [0, 1]",
-            self.rigl_fraction,
-        )
-        _require(
-            _in_range(self.rigl_end, 0.0, 1.0), "rigl_end", "a number in [0, 1]", self.rigl_end
-        )
-        for name in ("r_start", "r_end"):
-            _require(
-                _in_range(getattr(self, name), 0.0, 1.0),
-                name,
-                "a number in [0, 1]",
-                getattr(self, name),
-            )
-        _require(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool),
-            "seed",
-            "an integer",
-            self.seed,
-        )
+
+def _fail(option: str, allowed: str, value: Any) -> None:
+    raise ValueError(f"ResuConfig: option '{option}' must be {allowed}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _validate_filter(option: str, value: ParamFilter) -> None:
-    if value is None or callable(value) or isinstance(value, str):
-        return
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return
-    raise ValueError(
-        f"ResuConfig: option '{option}' must be a glob string, a list of globs, or a callable "
-        f"(name, param) -> bool, got {value!r}"
-    )
+def _require(condition: bool, option: str, allowed: str, value: Any) -> None:
+    if not condition:
+        _fail(option, allowed, value)
 
 
 def _matches(pattern: ParamFilter, name: str, param: Any) -> bool:

@@ -37,6 +37,8 @@ class ManagedWeight:
     theta_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     graph_masked: bool = True
     keep_target: int | None = None
+    #: theta's state is kept in ``theta_buffers`` only (the optimizer's slots are not free).
+    theta_private: bool = False
     _active: int | None = field(default=None, repr=False)
     _all_active_bits: torch.Tensor | None = field(default=None, repr=False)
 

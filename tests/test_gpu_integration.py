@@ -7,7 +7,7 @@ import torch
 
 import resu_compile as resu
 import resu_compile.optim.updates as updates
-from resu_compile.optim.resu_phase import ResuPhaseStep
+from resu_compile.optim.theta import ThetaSettings
 from tests.invariants import CheckedStepper
 from tests.zoo import ZOO_BY_NAME
 
@@ -115,7 +115,7 @@ def _after_first_resu_step(monkeypatch: pytest.MonkeyPatch, rider: bool) -> torc
     """The zoo transformer trained (seeded) up to and including its first RESU step."""
     torch._dynamo.reset()
     if not rider:
-        monkeypatch.setattr(ResuPhaseStep, "rider", lambda self, optimizer, taken: None)
+        monkeypatch.setattr(ThetaSettings, "same_pass", lambda self, weights: None)
     entry = ZOO_BY_NAME["transformer"]
     torch.manual_seed(0)
     model = entry.build().cuda()

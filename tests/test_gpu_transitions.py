@@ -9,7 +9,7 @@ import torch
 
 from resu_compile.config import ResuConfig
 from resu_compile.kernels import commit_bits, masked_zero, segmented_topk, theta_entry
-from resu_compile.phases import PhaseController
+from resu_compile.runtime.controller import PhaseController
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import resu_compile as resu
-from resu_compile.telemetry import (
+from resu_compile.views.telemetry import (
     TOTAL,
     counts_by_cycle,
     cycle_rows,

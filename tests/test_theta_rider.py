@@ -13,7 +13,7 @@ import torch
 
 import resu_compile as resu
 import resu_compile.optim.updates as updates
-from resu_compile.optim.resu_phase import ResuPhaseStep
+from resu_compile.optim.theta import ThetaSettings
 from tests.zoo import ZOO_BY_NAME
 
 
@@ -22,13 +22,13 @@ def _through_resu_phase(rider: bool, monkeypatch: pytest.MonkeyPatch) -> list[to
     torch._dynamo.reset()
     monkeypatch.setattr(updates, "_fused", lambda tensor: tensor.is_contiguous())
     calls = []
-    original = ResuPhaseStep.rider
+    original = ThetaSettings.same_pass
 
-    def spy(self, optimizer, taken):
+    def spy(self, weights):
         calls.append(rider)
-        return original(self, optimizer, taken) if rider else None
+        return original(self, weights) if rider else None
 
-    monkeypatch.setattr(ResuPhaseStep, "rider", spy)
+    monkeypatch.setattr(ThetaSettings, "same_pass", spy)
     fused = []
     ride = updates._fused_with_theta
     monkeypatch.setattr(updates, "_fused_with_theta", lambda *args: fused.append(1) or ride(*args))

@@ -144,6 +144,19 @@ class ThetaRider:
     weight_decay: float
 
 
+AdamStepCounts = HostSteps
+
+
+@dataclass(frozen=True)
+class ThetaAdamW:
+    select_bits: list[torch.Tensor]
+    lr: float
+    step: int
+    beta1: float
+    beta2: float
+    weight_decay: float
+
+
 def masked_update(
     optimizer: torch.optim.Optimizer,
     group: dict[str, Any],
@@ -166,6 +179,15 @@ def masked_update(
     whether it ran (only Adam / AdamW with decoupled or no weight decay, no ``maximize``, all on
     one CUDA launch), else the caller still owes the theta step.
     """
+    if isinstance(theta, ThetaAdamW):
+        theta = ThetaRider(
+            {id(p): b for p, b in zip(params, theta.select_bits, strict=True)},
+            theta.lr,
+            theta.step,
+            theta.beta1,
+            theta.beta2,
+            theta.weight_decay,
+        )
     rule = update_rule(optimizer, group)
     states = [optimizer.state[p] for p in params]
     if rule == "sgd":

@@ -124,7 +124,7 @@ def test_revived_bits_reach_the_device_from_one_buffer_or_one_by_one() -> None:
     from a checkpoint (separate tensors) or absent ones (zeros) give the same result."""
     from types import SimpleNamespace
 
-    from resu_compile.transitions import _one_buffer, _revived_on_device, _store_revived
+    from resu_compile.runtime.transitions import _one_buffer, _revived_on_device, _store_revived
 
     g = torch.Generator().manual_seed(3)
     parts = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in (5, 1, 12)]

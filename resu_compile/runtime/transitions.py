@@ -1,7 +1,6 @@
 """The mask transitions of METHOD.md, applied in place to every managed weight.
 
-Prune (section 3), RigL's drop / grow, RESU entry and topk re-selection (section 4) and the commit
-(section 5). The controller decides *when* a transition runs and keeps the phase bookkeeping;
+Prune (section 3), RigL's drop / grow, RESU entry (section 4) and the commit (section 5). The controller decides *when* a transition runs and keeps the phase bookkeeping;
 these functions decide *how*, and return the per-layer numbers its history records.
 """
 
@@ -9,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from resu_compile.config import ResuConfig
-from resu_compile.kernels.bits import pack_bits, unpack_bits
+from resu_compile.kernels.bits import pack_bits
 from resu_compile.kernels.commit_bits import commit_bits
 from resu_compile.kernels.masked_zero import zero_where_clear_
 from resu_compile.kernels.segmented_topk import topk_bits
@@ -23,21 +22,21 @@ from resu_compile.method.amnesty import AmnestyQuotas, amnesty_quotas, amnesty_s
 from resu_compile.method.pruning import keep_top, layer_keep_counts, nm_mask, prune_scores
 from resu_compile.method.rigl import rigl_regrow
 from resu_compile.method.schedule import keep_count
-from resu_compile.method.selective import initial_theta, select_trainable
+from resu_compile.optim.slots import (
+    restart_resurrected_state,
+    zero_coordinates,
+    zero_where_pruned,
+)
 from resu_compile.state import ManagedWeight
-
-if TYPE_CHECKING:
-    from resu_compile.optim.bridge import OptimizerBridge
 
 
 @dataclass(frozen=True)
 class TransitionContext:
     """What every transition needs besides the weights: the options, the optimizer whose state
-    follows the masks, the bridge that zeroes it, and the seeded generator of each draw."""
+    follows the masks, and the seeded generator of each draw."""
 
     config: ResuConfig
     optimizer: torch.optim.Optimizer | None
-    bridge: OptimizerBridge
     generator: Callable[[ManagedWeight, str], torch.Generator]
 
 
@@ -89,7 +88,7 @@ def prune_weights(
             active = min(count, weight.active_count())
         weight.set_mask_bits(bits, active)
         weight.keep_target = count
-    ctx.bridge.zero_where_pruned(ctx.optimizer, weights)
+    zero_where_pruned(ctx.optimizer, weights)
     return {weight.name: weight.sparsity() for weight in weights}
 
 
@@ -151,7 +150,7 @@ def regrow_weights(
         active = weight.active_count()
         count = int(fraction * active)
         new, grown = rigl_regrow(weight.param, weight.param.grad, weight.mask(), count, active)
-        ctx.bridge.zero_coordinates(ctx.optimizer, weight.param, ~new)
+        zero_coordinates(ctx.optimizer, weight.param, ~new)
         weight.set_mask(new, active)
         layers[weight.name] = {"dropped": count, "grown": grown, "sparsity": weight.sparsity()}
     if layers:  # one host sync for every layer's count
@@ -177,7 +176,7 @@ def enter_resu_weights(ctx: TransitionContext, weights: list[ManagedWeight]) -> 
     pruned_counts = [w.numel - w.active_count() for w in weights]
     pruned = [(bits, False) for bits in mask_bits]
     if config.selection == "topk":
-        # S is chosen from G at the phase's first step (reselect_by_gradient); until then no
+        # S is chosen from G at the phase's first step (the theta step does it); until then no
         # coordinate trains.
         select_bits = [torch.zeros_like(bits) for bits in mask_bits]
         counts = [int(config.alpha * n) for n in pruned_counts]
@@ -203,32 +202,6 @@ def enter_resu_weights(ctx: TransitionContext, weights: list[ManagedWeight]) -> 
         weight.select_bits = bits
         selected[weight.name] = count
     return selected
-
-
-@torch.no_grad()
-def reselect_by_gradient(
-    ctx: TransitionContext, weight: ManagedWeight, gradient: torch.Tensor, draw: str
-) -> torch.Tensor:
-    """``topk`` selection: S becomes the top ``alpha`` of P by ``|G|``; coordinates that join S get
-    a fresh theta draw (named ``draw``), those that leave it go back to 0. Returns the coordinates
-    whose theta-optimizer state must restart (joined or left)."""
-    config = ctx.config
-    mask = weight.mask()
-    pruned = ~mask
-    new, _ = select_trainable(
-        pruned,
-        "topk",
-        config.alpha,
-        ctx.generator(weight, "select"),
-        weight.numel - weight.active_count(),
-        gradient=gradient,
-    )
-    old = weight.selection()
-    joined, left = new & ~old, old & ~new
-    theta = initial_theta(weight.param, mask, config.theta_init_eps, ctx.generator(weight, draw))
-    weight.param.copy_(torch.where(joined, theta, weight.param.masked_fill(left, 0)))
-    weight.select_bits = pack_bits(new)
-    return joined | left
 
 
 @torch.no_grad()
@@ -275,14 +248,16 @@ def commit_weights(
     for weight, bits, active in zip(weights, new_bits, actives, strict=True):
         weight.set_mask_bits(bits, active)
     # Newly pruned coordinates lose weight and state; resurrected ones restart their state.
-    ctx.bridge.zero_where_pruned(
-        ctx.optimizer, weights, state_bits=None if carry_state else book.keep_state
-    )
+    zero_where_pruned(ctx.optimizer, weights, state_bits=None if carry_state else book.keep_state)
     if carry_state:
         for weight, old in zip(weights, old_bits, strict=True):
-            resurrected = weight.mask() & ~unpack_bits(old, weight.shape)
-            ctx.bridge.resu_phase.restart_state(
-                ctx.optimizer, weight, resurrected, config.carry_theta_state
+            restart_resurrected_state(
+                ctx.optimizer,
+                weight,
+                old,
+                carry=config.carry_theta_state,
+                rule=config.theta_optimizer,
+                selection=config.selection,
             )
     counts = book.counts.tolist()  # the one host sync of the commit
     _store_revived(weights, book.revived)

@@ -1,86 +1,44 @@
-"""Phase and PhaseController: the RESU schedule, its transitions and the optimizer step.
+"""The controller: the ``.resu`` handle of a compiled model.
 
-The controller is the ``.resu`` handle users hold. It counts optimizer steps, runs the transitions
-of METHOD.md (prune, RESU entry, commit) between steps, eagerly and in place, and tells the
-compiled graphs which variant to run. Graph code never reads a phase flag, so switching phases
-never recompiles.
+It counts optimizer steps, asks the method's schedule which transition is due, runs it between
+steps (eagerly, in place, under ``no_grad``), and tells the compiled graphs which variant to run.
+Graph code never reads a phase flag, so switching phases never recompiles. The optimizer step
+itself is :class:`~resu_compile.optim.step.ManagedStep`'s, from the plan built here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from resu_compile.config import ResuConfig
-from resu_compile.method.rigl import rigl_fraction
-from resu_compile.method.schedule import amnesty_budget, cycle_sparsities
-from resu_compile.optim.bridge import OptimizerBridge
-from resu_compile.report import render_report
-from resu_compile.state import ManagedWeight, StateManager
-from resu_compile.telemetry import render_history
-from resu_compile.transitions import (
+from resu_compile.method.schedule import amnesty_budget
+from resu_compile.optim.step import ManagedStep, StepPlan
+from resu_compile.optim.theta import ThetaSettings
+from resu_compile.runtime import checkpoint
+from resu_compile.runtime.phase import Phase, Progress, Transition
+from resu_compile.runtime.schedules import RiglSchedule, schedule_for
+from resu_compile.runtime.transitions import (
     TransitionContext,
     commit_weights,
     enter_resu_weights,
     input_norms,
     prune_weights,
     regrow_weights,
-    reselect_by_gradient,
 )
-
-STATE_FORMAT = 2
-
-# Options that change what a checkpoint's masks and theta mean: loading across them is refused.
-_METHOD_OPTIONS = (
-    "method",
-    "sparsity",
-    "cycles",
-    "schedule",
-    "criterion",
-    "distribution",
-    "pattern",
-    "selection",
-    "alpha",
-    "refresh",
-    "screen_fraction",
-    "consistency_tau",
-    "consistency_beta",
-    "freeze_active",
-    "theta_optimizer",
-    "amnesty",
-    "amnesty_score",
-    "r_start",
-    "r_end",
-    "carry_theta_state",
-    "rigl_interval",
-    "rigl_fraction",
-    "rigl_end",
-    "pause_after",
-)
-
-
-class Phase(str, enum.Enum):
-    """Steady phases between transitions. PRUNE and COMMIT are instants, not phases.
-
-    PAUSED: after a cycle listed in ``pause_after``, until ``resume()``; steps taken meanwhile
-    (e.g. a reinforcement-learning stage) keep the masks but do not move the schedule.
-    """
-
-    TRAIN = "train"
-    STABILIZE = "stabilize"
-    RESU = "resu"
-    PAUSED = "paused"
-    DONE = "done"
+from resu_compile.state import ManagedWeight, StateManager
+from resu_compile.views.export import export_state_dict
+from resu_compile.views.report import render_report
+from resu_compile.views.telemetry import render_history
 
 
 class PhaseController:
-    """Drives one compiled model through the RESU schedule (the ``model.resu`` handle)."""
+    """Drives one compiled model through its method's schedule (the ``model.resu`` handle)."""
 
     def __init__(
         self,
@@ -89,22 +47,21 @@ class PhaseController:
         module: torch.nn.Module | None = None,
     ) -> None:
         self.config = config
-        self._module = weakref.ref(module) if module is not None else None
         self.state = StateManager()
-        self._param_names = param_names or {}
-        self._sparsities = cycle_sparsities(config.sparsity, config.cycles, config.schedule)
+        self.schedule = schedule_for(config)
         self.phase = Phase.TRAIN
         self.cycle = 0
         self.step_count = 0
         self.resu_steps = 0
         self.paused_steps = 0
         self.target_sparsity = 0.0
-        self._nonfinite_steps = 0
         self.history: list[dict[str, Any]] = []
+        self.pruned = False
+        self._module = weakref.ref(module) if module is not None else None
+        self._param_names = param_names or {}
         self._calibrating = False
-        self._pruned = False
-        self.served_variant: str | None = None
-        self._bridge = OptimizerBridge(self)
+        self._sparse_forward = False
+        self._managed_step = ManagedStep()
 
     # -- what the compiled graphs ask -------------------------------------------------------
 
@@ -113,35 +70,28 @@ class PhaseController:
         return self._calibrating
 
     def graph_variant(self) -> str:
-        """The graph variant the current phase runs (see ``backend.VARIANTS``).
-
-        The answer is remembered in ``served_variant``: the optimizer step trusts the graph to
-        have masked the gradient only if the forward really ran the sparse variant (a prune
-        between that forward and the step, e.g. RigL's initial one, leaves it unmasked).
-        """
+        """The graph variant the current phase runs (see ``backend.VARIANTS``)."""
         if self._calibrating:
-            variant = "calibrate"
-        elif (
+            return "calibrate"
+        if (
             self.phase is not Phase.RESU
             and self.config.gradient_mask == "graph"
             and self.pruned
             and not self.needs_dense_gradient()
         ):
-            variant = "sparse"
-        else:
-            variant = "dense"
-        self.served_variant = variant
-        return variant
+            return "sparse"
+        return "dense"
+
+    def record_forward(self, variant: str) -> None:
+        """The dispatcher ran ``variant``: the next step trusts a graph mask only if a compiled
+        forward served the sparse variant since the last step (a prune in between, e.g. RigL's
+        initial one, or an eager forward in a pause callback, masks nothing)."""
+        self._sparse_forward = variant == "sparse"
 
     def needs_dense_gradient(self) -> bool:
         """Whether the step in progress must see ``G`` on pruned coordinates too (RigL's grow
         step after it reads it), so the graph may not mask the gradient."""
-        return self._rigl_updates_after(self.step_count + 1)
-
-    @property
-    def pruned(self) -> bool:
-        """Whether masks exist (from the first prune on)."""
-        return self._pruned
+        return self.schedule.updates_masks_after(self.step_count + 1, self._progress())
 
     def name_of(self, param: torch.Tensor, fallback: str) -> str:
         return self._param_names.get(id(param), fallback)
@@ -165,83 +115,120 @@ class PhaseController:
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Replaces ``optimizer.step()``: masked / RESU updates, then the schedule advances."""
-        self._bridge.step(optimizer)
+        if self._managed_step.attached and optimizer is self._managed_step.optimizer:
+            raise RuntimeError(
+                "step(): this optimizer is attached; call optimizer.step() instead of resu.step()"
+            )
+        self._begin_step(optimizer)
+        try:
+            optimizer.step()
+        finally:
+            self._end_step(optimizer)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hook ``optimizer`` so that a plain ``optimizer.step()`` does what :meth:`step` does."""
-        self._bridge.attach(optimizer)
+        """Hook ``optimizer`` so that a plain ``optimizer.step()`` does what :meth:`step` does.
+        Works before the first forward pass; the first step checks the managed weights."""
+        if len(self.state):
+            self._managed_step.validate(optimizer, list(self.state))
+        self._managed_step.attach(optimizer, self._begin_step, self._end_step)
 
     def detach(self) -> None:
-        self._bridge.detach()
+        self._managed_step.detach()
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
-        return self._bridge.optimizer
+        return self._managed_step.optimizer
 
-    def after_step(self) -> None:
-        """Called by the bridge once per optimizer step."""
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps whose managed updates were skipped for NaN / Inf gradients."""
+        return self._managed_step.nonfinite_steps
+
+    def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
+        weights = list(self.state)
+        if not weights:
+            raise ValueError(
+                "step(): no managed weight found (the model must run a forward pass first, and "
+                f"at least one weight must qualify):\n{self.report()}"
+            )
+        self._managed_step.validate(optimizer, weights)
+        self.advance()
+        self._managed_step.begin(optimizer, self._plan(weights))
+
+    def _end_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._managed_step.finish(optimizer)
+        self._sparse_forward = False
         if self.phase is Phase.PAUSED:
             self.paused_steps += 1
             return
         self.step_count += 1
         if self.phase is Phase.RESU:
             self.resu_steps += 1
-        self.advance(after_step=True)
+        if self.schedule.updates_masks_after(self.step_count, self._progress()):
+            self._rigl_update()
+        self.advance()
 
-    @property
-    def nonfinite_steps(self) -> int:
-        """Steps whose managed updates were skipped for NaN / Inf gradients."""
-        self._nonfinite_steps += self._bridge.pending_nonfinite()
-        return self._nonfinite_steps
+    def _plan(self, weights: list[ManagedWeight]) -> StepPlan:
+        config = self.config
+        in_resu = self.phase is Phase.RESU
+        return StepPlan(
+            weights=weights,
+            theta=self._theta_settings() if in_resu else None,
+            train_actives=not in_resu or not config.freeze_active,
+            graph_masked=config.gradient_mask == "graph" and self._sparse_forward,
+            mask_in_optimizer=config.gradient_mask == "optimizer",
+            freeze_others=config.freeze_others,
+            raise_on_nonfinite=config.nan_policy == "raise",
+        )
 
-    @nonfinite_steps.setter
-    def nonfinite_steps(self, value: int) -> None:
-        self._bridge.pending_nonfinite()
-        self._nonfinite_steps = value
+    def _theta_settings(self) -> ThetaSettings:
+        config = self.config
+        refresh = config.refresh
+        return ThetaSettings(
+            rule=config.theta_optimizer,
+            lr=config.theta_lr,
+            beta1=config.theta_betas[0],
+            beta2=config.theta_betas[1],
+            weight_decay=config.theta_weight_decay,
+            step=self.resu_steps + 1,
+            selection=config.selection,
+            alpha=config.alpha,
+            screen_fraction=config.screen_fraction,
+            consistency_tau=config.consistency_tau,
+            consistency_beta=config.consistency_beta,
+            init_eps=config.theta_init_eps,
+            reselect=config.selection == "topk"
+            and (self.resu_steps == 0 or (refresh > 0 and self.resu_steps % refresh == 0)),
+            draws=self._generator,
+        )
 
     # -- schedule ---------------------------------------------------------------------------
 
+    def _progress(self) -> Progress:
+        return Progress(self.phase, self.cycle, self.step_count, self.pruned)
+
     def current_target(self) -> float:
         """Target sparsity of the current cycle (the final target once the schedule is done)."""
-        return self._sparsities[min(self.cycle, self.config.cycles - 1)]
+        return self.schedule.target(self.cycle)
 
-    def advance(self, *, after_step: bool = False) -> None:
-        """Run every transition the step count has reached (automatic schedule only).
-
-        ``after_step``: called right after an optimizer step, when the gradients of that step are
-        still in ``.grad`` (RigL's mask updates read them, so they run only then).
-        """
+    def advance(self) -> None:
+        """Run every transition the step count has reached (automatic schedule only)."""
         if self.config.manual:
             return
-        if after_step and self._rigl_updates_after(self.step_count):
-            self._rigl_update()
-        while (transition := self._due_transition()) is not None:
-            transition()
+        while (transition := self.schedule.due(self._progress())) is not None:
+            self._run(transition)
 
-    def _due_transition(self) -> Callable[[], None] | None:
-        """The transition the schedule has reached, if any (METHOD.md section 2, or a baseline's)."""
-        if self.phase in (Phase.DONE, Phase.PAUSED):
-            return None
-        config = self.config
-        length = config.cycle_length
-        train, stabilize, _ = config.phase_steps
-        into_cycle = self.step_count - self.cycle * length
-        if config.method == "rigl" and not self._pruned:
-            return self._rigl_init
-        if self.phase is Phase.TRAIN and into_cycle >= train and self._prunes_in_cycle():
-            target = config.sparsity if config.method == "oneshot" else self.current_target()
-            return lambda: self._prune(target)
-        if config.method != "resu":
-            return self._end_cycle if into_cycle >= length else None
-        if self.phase is Phase.STABILIZE and into_cycle >= train + stabilize:
-            return self._enter_resu
-        if self.phase is Phase.RESU and into_cycle >= length:
-            return self._commit
-        return None
-
-    def _prunes_in_cycle(self) -> bool:
-        method = self.config.method
-        return method in ("resu", "gmp") or (method == "oneshot" and self.cycle == 0)
+    def _run(self, transition: Transition) -> None:
+        if transition.kind == "prune":
+            self._prune(transition.sparsity, transition.criterion)  # type: ignore[arg-type]
+        elif transition.kind == "enter_resu":
+            self._enter_resu()
+        elif transition.kind == "commit":
+            self._commit()
+        elif transition.kind == "end_cycle":
+            self._end_cycle()
+        else:
+            raise ValueError(f"unknown transition {transition.kind!r}")
 
     def _end_cycle(self) -> None:
         """Close the current cycle; pause after it if the user asked for a pause there."""
@@ -283,15 +270,19 @@ class PhaseController:
                 f"prune(): sparsity must be {self.config.sparsity} with pattern "
                 f"{self.config.pattern!r}, got {target!r}"
             )
-        self._require_managed("prune")
-        self._prune(float(target))
+        if len(self.state) == 0:
+            raise ValueError(
+                "prune(): no managed weight found (run a forward pass first; "
+                f"report():\n{self.report()})"
+            )
+        self._prune(float(target), self.config.criterion)
 
     def enter_resu(self) -> None:
-        """Start the RESU phase: theta on the selected pruned coordinates, actives frozen."""
+        """Start the RESU phase: theta on the selected pruned coordinates."""
         self._require_manual("enter_resu")
         if self.phase is Phase.RESU:
             raise RuntimeError("enter_resu(): the RESU phase is already running")
-        if not self._pruned:
+        if not self.pruned:
             raise RuntimeError("enter_resu(): nothing is pruned yet; call prune() first")
         self._enter_resu()
 
@@ -327,13 +318,6 @@ class PhaseController:
                 f"{method}(): the schedule is automatic; build with manual=True to drive phases by hand"
             )
 
-    def _require_managed(self, method: str) -> None:
-        if len(self.state) == 0:
-            raise ValueError(
-                f"{method}(): no managed weight found (run a forward pass first; "
-                f"report():\n{self.report()})"
-            )
-
     # -- transitions ------------------------------------------------------------------------
 
     def _generator(self, weight: ManagedWeight, purpose: str) -> torch.Generator:
@@ -346,52 +330,26 @@ class PhaseController:
         return torch.Generator(device=weight.param.device).manual_seed(zlib.crc32(key))
 
     def _context(self) -> TransitionContext:
-        return TransitionContext(self.config, self.optimizer, self._bridge, self._generator)
+        return TransitionContext(self.config, self.optimizer, self._generator)
 
-    def _prune(self, sparsity: float, criterion: str | None = None) -> None:
-        criterion = criterion or self.config.criterion
+    def _prune(self, sparsity: float, criterion: str) -> None:
         layers = prune_weights(self._context(), list(self.state), sparsity, criterion)
         self.target_sparsity = sparsity
-        self._pruned = True
+        self.pruned = True
         self.phase = Phase.STABILIZE
         self._record("prune", target=sparsity, layers=layers)
 
-    # -- RigL (method="rigl") ------------------------------------------------------------------
-
-    def _rigl_end_step(self) -> int:
-        return int(self.config.rigl_end * self.config.run_steps)
-
-    def _rigl_init(self) -> None:
-        """RigL starts sparse: a random mask at the final sparsity before the first step."""
-        self._prune(self.config.sparsity, criterion="random")
-
-    def _rigl_updates_after(self, step: int) -> bool:
-        """Whether RigL changes the masks once optimizer step ``step`` is done."""
-        config = self.config
-        return (
-            config.method == "rigl"
-            and self._pruned
-            and self.phase is not Phase.PAUSED
-            and step % config.rigl_interval == 0
-            and 0 < step < self._rigl_end_step()
-        )
-
     def _rigl_update(self) -> None:
-        fraction = rigl_fraction(self.step_count, self._rigl_end_step(), self.config.rigl_fraction)
+        assert isinstance(self.schedule, RiglSchedule)
+        fraction = self.schedule.fraction(self.step_count)
         layers = regrow_weights(self._context(), list(self.state), fraction)
         self._record("rigl", fraction=fraction, layers=layers)
-
-    # -- RESU ------------------------------------------------------------------------------------
 
     def _enter_resu(self) -> None:
         selected = enter_resu_weights(self._context(), list(self.state))
         self.resu_steps = 0
         self.phase = Phase.RESU
         self._record("resu", layers=selected)
-
-    def select_by_gradient(self, weight: ManagedWeight, gradient: torch.Tensor) -> torch.Tensor:
-        """``topk``: re-choose S from ``G`` (see ``transitions.reselect_by_gradient``)."""
-        return reselect_by_gradient(self._context(), weight, gradient, f"theta{self.resu_steps}")
 
     def _commit(self) -> None:
         config = self.config
@@ -419,31 +377,25 @@ class PhaseController:
             if entry["event"] == "commit"
         ]
 
+    def module(self) -> torch.nn.Module | None:
+        """The module given to ``resu.compile`` (None if it is gone or was never recorded)."""
+        return self._module() if self._module is not None else None
+
     def export(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Plain state dict of the original model, managed weights times their masks."""
-        from resu_compile.export import export_state_dict
-
+        model = model if model is not None else self.module()
         if model is None:
-            model = self._module() if self._module is not None else None
-            if model is None:
-                raise ValueError("export(): no model recorded at compile time; pass export(model)")
-        return export_state_dict(self, model)
-
-    def _check_checkpoint_weights(self, weights: dict[str, Any]) -> None:
-        """With the model known, every checkpoint weight must be one of its parameters."""
-        module = self._module() if self._module is not None else None
-        if module is None:
-            return
-        params = dict(module.named_parameters())
-        for name in weights:
-            if name not in params:
-                raise ValueError(
-                    f"load_state_dict: checkpoint manages {name!r}, which this model does not have"
-                )
+            raise ValueError("export(): no model recorded at compile time; pass export(model)")
+        return export_state_dict(self.state, model)
 
     def report(self) -> str:
         """Managed weights (name, shape, ops, sparsity) and skipped candidates with reasons."""
-        return render_report(self)
+        header = (
+            f"phase={self.phase.value} cycle={self.cycle}/{self.config.cycles} "
+            f"step={self.step_count} target={self.current_target():.4f}"
+        )
+        totals = self.telemetry(totals_only=True) if self.history else None
+        return render_report(header, self.state, totals)
 
     def telemetry(self, totals_only: bool = False) -> str:
         """METHOD.md section 6 as a table: per layer and cycle, target and actual sparsity,
@@ -456,42 +408,11 @@ class PhaseController:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically (``torch.load(weights_only=True)``-safe)."""
-        return {
-            "format": STATE_FORMAT,
-            "config": self.config.to_dict(),
-            "phase": self.phase.value,
-            "cycle": self.cycle,
-            "step_count": self.step_count,
-            "resu_steps": self.resu_steps,
-            "paused_steps": self.paused_steps,
-            "target_sparsity": self.target_sparsity,
-            "nonfinite_steps": self.nonfinite_steps,
-            "history": self.history,
-            "weights": self.state.state_dict(),
-        }
+        return checkpoint.save(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; refuses (changing nothing) if it does not fit."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(
-                f"load_state_dict: not a resu-compile controller state of format {STATE_FORMAT}"
-            )
-        saved, current = state["config"], self.config.to_dict()
-        for option in _METHOD_OPTIONS:
-            if saved.get(option) != current[option]:
-                raise ValueError(
-                    f"load_state_dict: option '{option}' differs: checkpoint {saved.get(option)!r}, "
-                    f"this model {current[option]!r}"
-                )
-        phase = Phase(state["phase"])
-        self._check_checkpoint_weights(state["weights"])
-        self.state.load_state_dict(state["weights"])
-        self.phase = phase
-        self.cycle = int(state["cycle"])
-        self.step_count = int(state["step_count"])
-        self.resu_steps = int(state["resu_steps"])
-        self.paused_steps = int(state["paused_steps"])
-        self.target_sparsity = float(state["target_sparsity"])
-        self.nonfinite_steps = int(state["nonfinite_steps"])
-        self.history = list(state["history"])
-        self._pruned = any("mask_bits" in entry for entry in state["weights"].values())
+        checkpoint.load(self, state)
+
+    def restore_nonfinite_steps(self, count: int) -> None:
+        self._managed_step.restore_nonfinite_steps(count)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tabulate import tabulate
 
-if TYPE_CHECKING:
-    from resu_compile.phases import PhaseController
+from resu_compile.state import StateManager
 
 
-def render_report(controller: PhaseController) -> str:
-    """Managed weights, skipped candidates and the schedule's model totals, as plain-text tables."""
+def render_report(header: str, state: StateManager, totals: str | None) -> str:
+    """Managed weights, skipped candidates and the schedule's model totals (``totals``, already
+    rendered, or None before the first transition), as plain-text tables under ``header``."""
     managed = [
         [
             w.name,
@@ -20,11 +18,10 @@ def render_report(controller: PhaseController) -> str:
             f"{w.sparsity():.4f}",
             w.active_count(),
         ]
-        for w in controller.state
+        for w in state
     ]
     parts = [
-        f"phase={controller.phase.value} cycle={controller.cycle}/{controller.config.cycles} "
-        f"step={controller.step_count} target={controller.current_target():.4f}",
+        header,
         "Managed weights:",
         tabulate(
             managed, headers=["name", "shape", "ops", "sparsity", "active"], disable_numparse=True
@@ -32,12 +29,9 @@ def render_report(controller: PhaseController) -> str:
         if managed
         else "  (none yet: run a forward pass)",
     ]
-    skipped = [[s.name, "x".join(map(str, s.shape)), s.reason] for s in controller.state.skipped()]
+    skipped = [[s.name, "x".join(map(str, s.shape)), s.reason] for s in state.skipped()]
     if skipped:
         parts += ["Skipped candidates:", tabulate(skipped, headers=["name", "shape", "reason"])]
-    if controller.history:
-        parts += [
-            "Schedule so far (model totals; per layer: model.resu.telemetry()):",
-            controller.telemetry(totals_only=True),
-        ]
+    if totals is not None:
+        parts += ["Schedule so far (model totals; per layer: model.resu.telemetry()):", totals]
     return "\n".join(parts)

@@ -8,17 +8,12 @@ other entry is unchanged. All tensors are detached CPU clones.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from resu_compile.phases import PhaseController
+from resu_compile.state import StateManager
 
 
-def export_state_dict(
-    controller: PhaseController, model: torch.nn.Module
-) -> dict[str, torch.Tensor]:
+def export_state_dict(state: StateManager, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict of ``model`` with each managed weight multiplied by its mask."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its original module
     out: dict[str, torch.Tensor] = {}
@@ -27,7 +22,7 @@ def export_state_dict(
         # (tied weights appear under each of their names, as in a plain state_dict()).
         for name, value in model.state_dict(keep_vars=True).items():
             tensor = value.detach()
-            weight = controller.state.get(value)
+            weight = state.get(value)
             mask = weight.mask() if weight is not None else None
             if mask is not None:
                 tensor = tensor.masked_fill(~mask, 0)
