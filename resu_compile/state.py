@@ -40,6 +40,7 @@ class ManagedWeight:
     #: theta's state is kept in ``theta_buffers`` only (the optimizer's slots are not free).
     theta_private: bool = False
     _active: int | None = field(default=None, repr=False)
+    _selected: int | None = field(default=None, repr=False)
     _all_active_bits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -86,6 +87,20 @@ class ManagedWeight:
     def selection(self) -> torch.Tensor | None:
         return None if self.select_bits is None else unpack_bits(self.select_bits, self.shape)
 
+    def set_selection(self, bits: torch.Tensor | None, count: int | None = None) -> None:
+        """Store the RESU selection S as packed bits; ``count`` (its size, when the caller
+        knows it) saves a count."""
+        self.select_bits = bits
+        self._selected = count
+
+    def selected_count(self) -> int:
+        """``|S|``: how many pruned coordinates train as theta (0 outside the RESU phase)."""
+        if self.select_bits is None:
+            return 0
+        if self._selected is None:
+            self._selected = count_bits(self.select_bits)
+        return self._selected
+
     def active_count(self) -> int:
         if self.mask_bits is None:
             return self.numel
@@ -115,6 +130,7 @@ class ManagedWeight:
             where = "cpu" if key == "revived_bits" else device
             setattr(self, key, None if value is None else value.to(where).clone())
         self._active = None
+        self._selected = None
         self.keep_target = state.get("keep_target")
         self.theta_buffers = {
             key.removeprefix("theta."): value.to(device=device, dtype=self.param.dtype).clone()

@@ -50,63 +50,89 @@ def amnesty_scores(
 @dataclass(frozen=True)
 class AmnestyQuotas:
     """How many places each group takes (host integers, so the tournament never waits on the
-    device): ``from_active`` of A, ``from_pruned`` of P, then the shortfall ``extra_pruned`` from
-    the rest of P and ``extra_active`` from the rest of A."""
+    device). A are the old actives, T the pruned coordinates that trained as theta (in S), U the
+    other pruned ones. ``from_active`` places go to A and ``from_trained`` to T; a shortfall goes
+    first to the rest of A (``extra_active``), then to the rest of T (``extra_trained``), and only
+    then, when the target needs more actives than A and T hold (densifying), to U
+    (``untrained``, ranked by ``|G|``)."""
 
     n_keep: int
     n_reserved: int
     from_active: int
-    from_pruned: int
-    extra_pruned: int
+    from_trained: int
     extra_active: int
+    extra_trained: int
+    untrained: int
 
     @property
     def resurrected(self) -> int:
-        return self.from_pruned + self.extra_pruned
+        return self.from_trained + self.extra_trained + self.untrained
 
 
-def amnesty_quotas(numel: int, n_active: int, n_keep: int, budget: float) -> AmnestyQuotas:
-    """``n_R = int(r * n_keep)`` places reserved for previously pruned coordinates; actives compete
-    for ``n_A = n_keep - n_R``. A group too small to fill its places leaves a shortfall, filled
-    first from the rest of P, then from the rest of A."""
-    n_pruned = numel - n_active
+def amnesty_quotas(
+    numel: int, n_active: int, n_trained: int, n_keep: int, budget: float
+) -> AmnestyQuotas:
+    """``n_R = int(r * n_keep)`` places reserved for trained candidates; actives compete for
+    ``n_A = n_keep - n_R`` (METHOD.md section 5)."""
     n_keep = min(n_keep, numel)
     n_reserved = int(budget * n_keep)
     from_active = min(n_keep - n_reserved, n_active)
-    from_pruned = min(n_reserved, n_pruned)
-    shortfall = n_keep - from_active - from_pruned
-    extra_pruned = min(shortfall, n_pruned - from_pruned)
+    from_trained = min(n_reserved, n_trained)
+    shortfall = n_keep - from_active - from_trained
+    extra_active = min(shortfall, n_active - from_active)
+    shortfall -= extra_active
+    extra_trained = min(shortfall, n_trained - from_trained)
     return AmnestyQuotas(
-        n_keep, n_reserved, from_active, from_pruned, extra_pruned, shortfall - extra_pruned
+        n_keep,
+        n_reserved,
+        from_active,
+        from_trained,
+        extra_active,
+        extra_trained,
+        shortfall - extra_trained,
     )
 
 
 def amnesty_mask(
     scores: torch.Tensor,
     old_mask: torch.Tensor,
+    trained: torch.Tensor,
     n_keep: int,
     budget: float,
+    *,
+    gradient: torch.Tensor | None = None,
     active_count: int | None = None,
 ) -> AmnestyResult:
     """The tournament of one layer (:func:`amnesty_quotas`); ties go to the lower index.
 
-    The commit runs every layer's tournament at once (``transitions.commit_weights``); this
+    ``trained``: the coordinates that trained as theta (S). Untrained pruned coordinates return
+    only when densifying, ranked by ``|gradient|`` of the last RESU step (index order without
+    one). The commit runs every layer's tournament at once (``transitions.commit_weights``); this
     one-layer form is the rule as METHOD.md states it, and the oracle the tests hold it to.
-
-    ``active_count`` is ``|A|`` (counted if not given).
     """
-    old_pruned = ~old_mask
+    trained = trained & ~old_mask
     n_active = int(old_mask.sum()) if active_count is None else active_count
-    quotas = amnesty_quotas(old_mask.numel(), n_active, n_keep, budget)
+    quotas = amnesty_quotas(old_mask.numel(), n_active, int(trained.sum()), n_keep, budget)
     winners = topk_mask(scores, quotas.from_active, eligible=old_mask)
-    winners |= topk_mask(scores, quotas.from_pruned, eligible=old_pruned)
-    if quotas.extra_pruned > 0:
-        winners |= topk_mask(scores, quotas.extra_pruned, eligible=old_pruned & ~winners)
+    winners |= topk_mask(scores, quotas.from_trained, eligible=trained)
     if quotas.extra_active > 0:
         winners |= topk_mask(scores, quotas.extra_active, eligible=old_mask & ~winners)
+    if quotas.extra_trained > 0:
+        winners |= topk_mask(scores, quotas.extra_trained, eligible=trained & ~winners)
+    if quotas.untrained > 0:
+        evidence = untrained_scores(gradient, scores)
+        winners |= topk_mask(evidence, quotas.untrained, eligible=~old_mask & ~trained)
     return AmnestyResult(
         mask=winners,
         n_keep=quotas.n_keep,
         n_reserved=quotas.n_reserved,
         resurrected=quotas.resurrected,
     )
+
+
+def untrained_scores(gradient: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """How untrained pruned coordinates rank when a densifying commit needs them: ``|G|`` of the
+    last RESU step (non-finite entries count 0), or all ties (index order) without a gradient."""
+    if gradient is None:
+        return torch.zeros_like(like, dtype=torch.float32)
+    return gradient.detach().float().nan_to_num(0.0, 0.0, 0.0).abs()

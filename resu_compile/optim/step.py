@@ -76,7 +76,7 @@ class ManagedStep:
         self.optimizer: torch.optim.Optimizer | None = None
         self._hooks: list[Any] = []
         self._groups: dict[int, dict[str, Any]] = {}
-        self._validated: tuple[int, int, int] | None = None
+        self._validated: tuple[Any, ...] | None = None
         self._step_counts = AdamStepCounts()
         self._nonfinite_host = 0
         self._nonfinite_device: torch.Tensor | None = None
@@ -140,7 +140,13 @@ class ManagedStep:
             raise TypeError(
                 f"step(): optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        key = (id(optimizer), len(weights), sum(len(g["params"]) for g in optimizer.param_groups))
+        # Which group holds which parameter, by identity: a parameter moved between groups, or
+        # groups replaced by ``optimizer.load_state_dict``, gives another key.
+        key = (
+            id(optimizer),
+            len(weights),
+            tuple((id(g), tuple(map(id, g["params"]))) for g in optimizer.param_groups),
+        )
         if key == self._validated:
             return
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}

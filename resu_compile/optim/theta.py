@@ -111,7 +111,7 @@ def _reselect_by_gradient(
     theta draw, those that leave it go back to 0. Returns the coordinates whose theta-optimizer
     state must restart (joined or left)."""
     mask = weight.mask()
-    new, _ = select_trainable(
+    new, count = select_trainable(
         ~mask,
         "topk",
         settings.alpha,
@@ -125,7 +125,7 @@ def _reselect_by_gradient(
         weight.param, mask, settings.init_eps, settings.draws(weight, f"theta{settings.step - 1}")
     )
     weight.param.copy_(torch.where(joined, theta, weight.param.masked_fill(left, 0)))
-    weight.select_bits = pack_bits(new)
+    weight.set_selection(pack_bits(new), count)
     return joined | left
 
 

@@ -1,40 +1,54 @@
-"""The controller's checkpoint: what it saves, and the checks a load passes before it applies."""
+"""The controller's checkpoint format: what is saved, and the checks a load passes before the
+controller applies anything."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from resu_compile.config import ResuConfig
 from resu_compile.runtime.phase import Phase
 
-if TYPE_CHECKING:
-    from resu_compile.runtime.controller import PhaseController
-
 FORMAT = 2
 
+#: The run's counters, by checkpoint key, and how each is read back.
+COUNTERS: dict[str, type] = {
+    "cycle": int,
+    "step_count": int,
+    "resu_steps": int,
+    "paused_steps": int,
+    "target_sparsity": float,
+    "nonfinite_steps": int,
+}
 
-def save(controller: PhaseController) -> dict[str, Any]:
+
+def save(
+    config: ResuConfig,
+    phase: Phase,
+    counters: dict[str, Any],
+    history: list[dict[str, Any]],
+    weights: dict[str, Any],
+) -> dict[str, Any]:
     """Everything needed to continue bit-identically (``torch.load(weights_only=True)``-safe)."""
     return {
         "format": FORMAT,
-        "config": controller.config.to_dict(),
-        "phase": controller.phase.value,
-        "cycle": controller.cycle,
-        "step_count": controller.step_count,
-        "resu_steps": controller.resu_steps,
-        "paused_steps": controller.paused_steps,
-        "target_sparsity": controller.target_sparsity,
-        "nonfinite_steps": controller.nonfinite_steps,
-        "history": controller.history,
-        "weights": controller.state.state_dict(),
+        "config": config.to_dict(),
+        "phase": phase.value,
+        **{key: counters[key] for key in COUNTERS},
+        "history": history,
+        "weights": weights,
     }
 
 
-def load(controller: PhaseController, state: dict[str, Any]) -> None:
-    """Restore a :func:`save`; refuses (changing nothing) if it does not fit."""
+def check(
+    state: Any, config: ResuConfig, module: torch.nn.Module | None
+) -> tuple[Phase, dict[str, Any]]:
+    """The phase and counters of a saved state, once it is known to fit ``config`` and
+    ``module``; raises ``ValueError`` (nothing applied) if it does not."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"load_state_dict: not a resu-compile controller state of format {FORMAT}")
-    saved, current = state["config"], controller.config.to_dict()
+    saved, current = state["config"], config.to_dict()
     for option in ResuConfig.checkpoint_options():
         if saved.get(option) != current[option]:
             raise ValueError(
@@ -42,27 +56,11 @@ def load(controller: PhaseController, state: dict[str, Any]) -> None:
                 f"this model {current[option]!r}"
             )
     phase = Phase(state["phase"])
-    _check_weight_names(controller, state["weights"])
-    controller.state.load_state_dict(state["weights"])
-    controller.phase = phase
-    controller.cycle = int(state["cycle"])
-    controller.step_count = int(state["step_count"])
-    controller.resu_steps = int(state["resu_steps"])
-    controller.paused_steps = int(state["paused_steps"])
-    controller.target_sparsity = float(state["target_sparsity"])
-    controller.restore_nonfinite_steps(int(state["nonfinite_steps"]))
-    controller.history = list(state["history"])
-    controller.pruned = any("mask_bits" in entry for entry in state["weights"].values())
-
-
-def _check_weight_names(controller: PhaseController, weights: dict[str, Any]) -> None:
-    """With the model known, every checkpoint weight must be one of its parameters."""
-    module = controller.module()
-    if module is None:
-        return
-    params = dict(module.named_parameters())
-    for name in weights:
-        if name not in params:
-            raise ValueError(
-                f"load_state_dict: checkpoint manages {name!r}, which this model does not have"
-            )
+    if module is not None:
+        params = dict(module.named_parameters())
+        for name in state["weights"]:
+            if name not in params:
+                raise ValueError(
+                    f"load_state_dict: checkpoint manages {name!r}, which this model does not have"
+                )
+    return phase, {key: kind(state[key]) for key, kind in COUNTERS.items()}

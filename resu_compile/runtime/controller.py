@@ -9,6 +9,7 @@ itself is :class:`~resu_compile.optim.step.ManagedStep`'s, from the plan built h
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 import zlib
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from resu_compile.config import ResuConfig
+from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.method.schedule import amnesty_budget
 from resu_compile.optim.step import ManagedStep, StepPlan
 from resu_compile.optim.theta import ThetaSettings
@@ -57,6 +59,8 @@ class PhaseController:
         self.target_sparsity = 0.0
         self.history: list[dict[str, Any]] = []
         self.pruned = False
+        #: Transitions put off because a managed weight held NaN / Inf (``nan_policy="skip"``).
+        self.postponed_transitions = 0
         self._module = weakref.ref(module) if module is not None else None
         self._param_names = param_names or {}
         self._calibrating = False
@@ -164,7 +168,9 @@ class PhaseController:
         self.step_count += 1
         if self.phase is Phase.RESU:
             self.resu_steps += 1
-        if self.schedule.updates_masks_after(self.step_count, self._progress()):
+        if self.schedule.updates_masks_after(self.step_count, self._progress()) and (
+            self._weights_finite("rigl_update", raise_=self.config.nan_policy == "raise")
+        ):
             self._rigl_update()
         self.advance()
 
@@ -212,11 +218,39 @@ class PhaseController:
         return self.schedule.target(self.cycle)
 
     def advance(self) -> None:
-        """Run every transition the step count has reached (automatic schedule only)."""
+        """Run every transition the step count has reached (automatic schedule only).
+
+        A transition that would read non-finite weights is refused (``nan_policy="raise"``) or
+        put off to the next step and counted (``"skip"``): a NaN weight must never decide a mask.
+        """
         if self.config.manual:
             return
         while (transition := self.schedule.due(self._progress())) is not None:
+            reads_weights = transition.kind != "end_cycle"
+            raise_ = self.config.nan_policy == "raise"
+            if reads_weights and not self._weights_finite(transition.kind, raise_=raise_):
+                self.postponed_transitions += 1
+                self._record("postponed", transition=transition.kind)
+                return
             self._run(transition)
+
+    def _weights_finite(self, purpose: str, *, raise_: bool) -> bool:
+        """Whether every managed weight is finite (one check launch and one host sync); with
+        ``raise_`` a non-finite one raises ``FloatingPointError`` naming it instead."""
+        weights = list(self.state)
+        if weights:
+            flag = any_nonfinite([w.param.detach() for w in weights])
+            if bool(flag.item()):
+                names = [w.name for w in weights if not torch.isfinite(w.param.detach()).all()]
+                message = (
+                    f"{purpose}: managed weight(s) {names} hold NaN or Inf, so their masks "
+                    "cannot be chosen; nothing was changed"
+                )
+                if raise_:
+                    raise FloatingPointError(message + " (nan_policy='raise')")
+                warnings.warn(message + "; the transition waits for finite weights", stacklevel=3)
+                return False
+        return True
 
     def _run(self, transition: Transition) -> None:
         if transition.kind == "prune":
@@ -275,7 +309,8 @@ class PhaseController:
                 "prune(): no managed weight found (run a forward pass first; "
                 f"report():\n{self.report()})"
             )
-        self._prune(float(target), self.config.criterion)
+        self._weights_finite("prune", raise_=True)
+        self._prune(float(target))
 
     def enter_resu(self) -> None:
         """Start the RESU phase: theta on the selected pruned coordinates."""
@@ -284,6 +319,7 @@ class PhaseController:
             raise RuntimeError("enter_resu(): the RESU phase is already running")
         if not self.pruned:
             raise RuntimeError("enter_resu(): nothing is pruned yet; call prune() first")
+        self._weights_finite("enter_resu", raise_=True)
         self._enter_resu()
 
     def commit(self) -> None:
@@ -293,6 +329,7 @@ class PhaseController:
             raise RuntimeError(
                 f"commit(): only valid in the RESU phase (phase is {self.phase.value})"
             )
+        self._weights_finite("commit", raise_=True)
         self._commit()
 
     def set_phase(self, phase: Phase | str) -> None:
@@ -332,7 +369,8 @@ class PhaseController:
     def _context(self) -> TransitionContext:
         return TransitionContext(self.config, self.optimizer, self._generator)
 
-    def _prune(self, sparsity: float, criterion: str) -> None:
+    def _prune(self, sparsity: float, criterion: str | None = None) -> None:
+        criterion = criterion or self.config.criterion
         layers = prune_weights(self._context(), list(self.state), sparsity, criterion)
         self.target_sparsity = sparsity
         self.pruned = True
@@ -408,11 +446,18 @@ class PhaseController:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically (``torch.load(weights_only=True)``-safe)."""
-        return checkpoint.save(self)
+        counters = {key: getattr(self, key) for key in checkpoint.COUNTERS}
+        return checkpoint.save(
+            self.config, self.phase, counters, self.history, self.state.state_dict()
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; refuses (changing nothing) if it does not fit."""
-        checkpoint.load(self, state)
-
-    def restore_nonfinite_steps(self, count: int) -> None:
-        self._managed_step.restore_nonfinite_steps(count)
+        phase, counters = checkpoint.check(state, self.config, self.module())
+        self.state.load_state_dict(state["weights"])
+        self.phase = phase
+        self._managed_step.restore_nonfinite_steps(counters.pop("nonfinite_steps"))
+        for key, value in counters.items():
+            setattr(self, key, value)
+        self.history = list(state["history"])
+        self.pruned = any("mask_bits" in entry for entry in state["weights"].values())

@@ -18,7 +18,12 @@ from resu_compile.kernels.commit_bits import commit_bits
 from resu_compile.kernels.masked_zero import zero_where_clear_
 from resu_compile.kernels.segmented_topk import topk_bits
 from resu_compile.kernels.theta_entry import active_sigma, write_theta_
-from resu_compile.method.amnesty import AmnestyQuotas, amnesty_quotas, amnesty_scores
+from resu_compile.method.amnesty import (
+    AmnestyQuotas,
+    amnesty_quotas,
+    amnesty_scores,
+    untrained_scores,
+)
 from resu_compile.method.pruning import keep_top, layer_keep_counts, nm_mask, prune_scores
 from resu_compile.method.rigl import rigl_regrow
 from resu_compile.method.schedule import keep_count
@@ -199,7 +204,7 @@ def enter_resu_weights(ctx: TransitionContext, weights: list[ManagedWeight]) -> 
         write_theta_(params, mask_bits, select_bits, noise, config.theta_init_eps * sigma)
     selected = {}
     for weight, bits, count in zip(weights, select_bits, counts, strict=True):
-        weight.select_bits = bits
+        weight.set_selection(bits, 0 if config.selection == "topk" else count)
         selected[weight.name] = count
     return selected
 
@@ -227,28 +232,19 @@ def commit_weights(
         for w, bits in zip(weights, old_bits, strict=True)
     ]
     quotas = [
-        amnesty_quotas(w.numel, active, n_keep, budget)
+        amnesty_quotas(w.numel, active, w.selected_count(), n_keep, budget)
         for w, active, n_keep in zip(weights, active_counts, n_keeps, strict=True)
     ]
-    if not config.amnesty:
-        new_bits = [old | trained for old, trained in zip(old_bits, trained_bits, strict=True)]
-        actives: list[int | None] = [None] * len(weights)
-    elif config.nm is not None:  # the pattern fixes every group's places: no quota
-        new_bits = [
-            pack_bits(nm_mask(_amnesty_scores(config, w), *config.nm, input_dim=w.input_dim or 1))
-            for w in weights
-        ]
-        actives = list(n_keeps)
-    else:
-        new_bits = _tournaments(config, weights, old_bits, quotas)
-        actives = [min(n_keep, w.numel) for w, n_keep in zip(weights, n_keeps, strict=True)]
+    new_bits, actives = _winners(config, weights, old_bits, trained_bits, quotas, n_keeps)
     revived = _revived_on_device(weights, old_bits)
-    book = commit_bits(old_bits, new_bits, trained_bits, revived, [w.numel for w in weights])
+    outcome = commit_bits(old_bits, new_bits, trained_bits, revived, [w.numel for w in weights])
     carry_state = config.carry_theta_state or any(w.theta_buffers for w in weights)
     for weight, bits, active in zip(weights, new_bits, actives, strict=True):
         weight.set_mask_bits(bits, active)
     # Newly pruned coordinates lose weight and state; resurrected ones restart their state.
-    zero_where_pruned(ctx.optimizer, weights, state_bits=None if carry_state else book.keep_state)
+    zero_where_pruned(
+        ctx.optimizer, weights, state_bits=None if carry_state else outcome.keep_state
+    )
     if carry_state:
         for weight, old in zip(weights, old_bits, strict=True):
             restart_resurrected_state(
@@ -259,21 +255,21 @@ def commit_weights(
                 rule=config.theta_optimizer,
                 selection=config.selection,
             )
-    counts = book.counts.tolist()  # the one host sync of the commit
-    _store_revived(weights, book.revived)
+    counts = outcome.counts.tolist()  # the one host sync of the commit
+    _store_revived(weights, outcome.revived)
     layers = {}
     for weight, active, quota, row in zip(weights, active_counts, quotas, counts, strict=True):
         count, churn, survivors, trained_count = row
         old_pruned = weight.numel - active
         if not config.amnesty:  # the merge: every resurrected weight joins the old actives
             weight.set_mask_bits(weight.mask_bits, active + count)
-        weight.select_bits = None
+        weight.set_selection(None)
         weight.theta_buffers.clear()
         layers[weight.name] = {
             "target": target_sparsity,
             "sparsity": weight.sparsity(),
             "resurrected": count,
-            # Winners that trained as theta; the rest of the n_R places went to untrained zeros.
+            # Winners that trained as theta (all of them, unless a densifying commit needed more).
             "resurrected_trained": trained_count,
             "resurrection_rate": count / old_pruned if old_pruned else 0.0,
             "churn": churn,
@@ -286,14 +282,41 @@ def commit_weights(
     return layers
 
 
+def _winners(
+    config: ResuConfig,
+    weights: list[ManagedWeight],
+    old_bits: list[torch.Tensor],
+    trained_bits: list[torch.Tensor],
+    quotas: list[AmnestyQuotas],
+    n_keeps: list[int],
+) -> tuple[list[torch.Tensor], list[int | None]]:
+    """Every layer's new mask as packed bits, and its active count where known without a
+    count: the merge (``amnesty=False``), the N:M pattern's groups, or the tournament."""
+    if not config.amnesty:
+        return [old | trained for old, trained in zip(old_bits, trained_bits, strict=True)], [
+            None
+        ] * len(weights)
+    if config.nm is not None:  # the pattern fixes every group's places: no quota
+        bits = [
+            pack_bits(nm_mask(_amnesty_scores(config, w), *config.nm, input_dim=w.input_dim or 1))
+            for w in weights
+        ]
+        return bits, list(n_keeps)
+    bits = _tournaments(config, weights, old_bits, trained_bits, quotas)
+    return bits, [min(n_keep, w.numel) for w, n_keep in zip(weights, n_keeps, strict=True)]
+
+
 def _tournaments(
     config: ResuConfig,
     weights: list[ManagedWeight],
     old_bits: list[torch.Tensor],
+    trained_bits: list[torch.Tensor],
     quotas: list[AmnestyQuotas],
 ) -> list[torch.Tensor]:
-    """Every layer's amnesty winners as packed bits: A and P compete apart for their places, then
-    any shortfall is filled from the rest of P, then from the rest of A (ties: lower index)."""
+    """Every layer's amnesty winners as packed bits (:func:`~resu_compile.method.amnesty.
+    amnesty_mask` is the one-layer rule): A and the trained candidates T compete apart for their
+    places, then any shortfall is filled from the rest of A, then from the rest of T, then from
+    the untrained pruned coordinates by ``|G|`` (ties: lower index)."""
     scores = [
         w.param.data if config.amnesty_score == "magnitude" else _amnesty_scores(config, w)
         for w in weights
@@ -301,24 +324,29 @@ def _tournaments(
     n = len(weights)
     groups = topk_bits(
         scores + scores,
-        [q.from_active for q in quotas] + [q.from_pruned for q in quotas],
-        [(bits, True) for bits in old_bits] + [(bits, False) for bits in old_bits],
+        [q.from_active for q in quotas] + [q.from_trained for q in quotas],
+        [(bits, True) for bits in old_bits] + [(bits, True) for bits in trained_bits],
         magnitude=True,
     )
     winners = [groups[i] | groups[n + i] for i in range(n)]
-    for extra, from_pruned in (("extra_pruned", True), ("extra_active", False)):
-        short = [i for i, q in enumerate(quotas) if getattr(q, extra) > 0]
+    # Each shortfall group: its quota, the eligible coordinates of layer i, and its scores.
+    shortfalls = (
+        ("extra_active", lambda i: (old_bits[i] & ~winners[i], True), lambda i: scores[i]),
+        ("extra_trained", lambda i: (trained_bits[i] & ~winners[i], True), lambda i: scores[i]),
+        (
+            "untrained",
+            lambda i: (old_bits[i] | trained_bits[i], False),
+            lambda i: untrained_scores(weights[i].param.grad, scores[i]),
+        ),
+    )
+    for quota, eligible, ranking in shortfalls:
+        short = [i for i, q in enumerate(quotas) if getattr(q, quota) > 0]
         if not short:
             continue
-        # Eligible: the group's coordinates that have not won yet.
-        eligible = [
-            (old_bits[i] | winners[i], False) if from_pruned else (old_bits[i] & ~winners[i], True)
-            for i in short
-        ]
         found = topk_bits(
-            [scores[i] for i in short],
-            [getattr(quotas[i], extra) for i in short],
-            eligible,
+            [ranking(i) for i in short],
+            [getattr(quotas[i], quota) for i in short],
+            [eligible(i) for i in short],
             magnitude=True,
         )
         for i, bits in zip(short, found, strict=True):

@@ -255,7 +255,13 @@ def test_gradient_amnesty_uses_g_of_the_last_resu_step() -> None:
     for weight in compiled.resu.state:
         scores = amnesty_scores(weight.param, "gradient", gradient=weight.param.grad)
         expected[weight.name] = amnesty_mask(
-            scores, weight.mask(), weight.keep_target, budget, weight.active_count()
+            scores,
+            weight.mask(),
+            weight.selection(),
+            weight.keep_target,
+            budget,
+            gradient=weight.param.grad,
+            active_count=weight.active_count(),
         ).mask
     compiled.resu.commit()
     for weight in compiled.resu.state:
