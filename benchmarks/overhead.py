@@ -53,7 +53,6 @@ RESU_MODES = {
     "resu": {},
     "resu:optimizer-mask": {"gradient_mask": "optimizer"},
     "resu:graph-mask": {"gradient_mask": "graph"},
-    "resu:resu-linear": {"linear_op": "resu"},
     "resu:consistency": {"selection": "consistency"},
 }
 MODES = ("dense", *RESU_MODES)

@@ -9,7 +9,6 @@ current phase needs. Variants are compiled once and cached; a phase switch is a 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -130,7 +129,6 @@ class GraphDispatcher:
         compiled = self._variants.get(name)
         if compiled is None:
             spec = VARIANTS[name]
-            spec = dataclasses.replace(spec, resu_linear=self._config.linear_op == "resu")
             variant = build_variant(self._gm, self._placeholders, self._uses, spec)
             inputs = [*self._example_inputs, *_extra_inputs(spec, weights)]
             with contextlib.ExitStack() as stack:

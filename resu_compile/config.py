@@ -25,7 +25,6 @@ THETA_OPTIMIZERS = ("sgd", "momentum", "adamw")
 AMNESTY_SCORES = ("magnitude", "gradient", "wanda")
 NAN_POLICIES = ("skip", "raise")
 GRADIENT_MASKS = ("graph", "optimizer")
-LINEAR_OPS = ("aten", "resu")
 
 
 def _require(condition: bool, option: str, allowed: str, value: Any) -> None:
@@ -114,9 +113,6 @@ class ResuConfig:
             backward, fused into the kernel that writes the gradient, after which the user's own
             optimizer keeps pruned weights at zero). benchmarks/overhead.py measures both; the
             default is the faster one there.
-        linear_op: "aten" keeps the captured matmuls; "resu" routes linear-like uses through the
-            ``resu::linear`` custom op (the extension point for storage modes that keep theta
-            apart). benchmarks/overhead.py measures both.
     """
 
     method: str = "resu"
@@ -159,7 +155,6 @@ class ResuConfig:
     nan_policy: str = "skip"
     compiler: str = "inductor"
     gradient_mask: str = "optimizer"
-    linear_op: str = "aten"
 
     def __post_init__(self) -> None:
         for name in ("schedule", "pause_after"):
@@ -374,7 +369,6 @@ class ResuConfig:
             ("nan_policy", NAN_POLICIES),
             ("compiler", COMPILERS),
             ("gradient_mask", GRADIENT_MASKS),
-            ("linear_op", LINEAR_OPS),
         ):
             value = getattr(self, name)
             _require(value in allowed, name, f"one of {allowed}", value)

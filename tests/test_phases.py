@@ -89,18 +89,6 @@ def test_each_variant_compiles_once_with_its_rewrite(monkeypatch: pytest.MonkeyP
     assert _targets(sparse).count(mask_gradient) == 2
 
 
-def test_resu_linear_op_replaces_every_linear_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    built = _record_variants(monkeypatch)
-    entry = ZOO_BY_NAME["conv1d_gpt2"]
-    compiled = resu.compile(
-        entry.build(), sparsity=0.5, manual=True, compiler="aot_eager", linear_op="resu"
-    )
-    compiled(*entry.make_batch(0))
-    ((variant, _),) = built
-    assert _targets(variant).count(torch.ops.resu.linear.default) == 2
-    assert torch.addmm not in _targets(variant)
-
-
 def test_calibrate_records_input_column_norms_of_every_token() -> None:
     entry = ZOO_BY_NAME["mlp"]
     model = entry.build()

@@ -20,8 +20,8 @@ from resu_compile.kernels.masked_zero import zero_where_clear_
 from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.optim.resu_phase import ResuPhaseStep
 from resu_compile.optim.updates import (
-    HostSteps,
-    ThetaRider,
+    AdamStepCounts,
+    ThetaAdamW,
     masked_update,
     preserves_zeros,
     update_rule,
@@ -48,7 +48,7 @@ class OptimizerBridge:
         self._found_inf: torch.Tensor | None = None
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_carry = 0
-        self._host_steps = HostSteps()
+        self._host_steps = AdamStepCounts()
         self._masked_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._plans: dict[int, str | None] = {}
         self._theta_copies: dict[int, torch.Tensor] = {}
@@ -261,7 +261,7 @@ class OptimizerBridge:
         optimizer: torch.optim.Optimizer,
         taken: list[tuple[ManagedWeight, torch.Tensor]],
         keep_pruned: bool = False,
-        theta: ThetaRider | None = None,
+        theta: ThetaAdamW | None = None,
     ) -> bool:
         """One batched masked update per param group (the "kernel" plan); with ``theta``, returns
         whether theta's step rode along in every group (else none of it ran)."""

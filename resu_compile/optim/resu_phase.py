@@ -21,7 +21,7 @@ import torch
 
 from resu_compile.kernels.consistency import consistency_statistics_
 from resu_compile.kernels.segmented_topk import topk_bits
-from resu_compile.optim.updates import ThetaRider, theta_update, weight_shaped_state
+from resu_compile.optim.updates import ThetaAdamW, theta_update, weight_shaped_state
 
 if TYPE_CHECKING:
     from resu_compile.phases import PhaseController
@@ -135,7 +135,7 @@ class ResuPhaseStep:
 
     def rider(
         self, optimizer: torch.optim.Optimizer, taken: list[tuple[ManagedWeight, torch.Tensor]]
-    ) -> ThetaRider | None:
+    ) -> ThetaAdamW | None:
         """This step's theta update, offered to ride on the actives' masked Adam (one pass over
         every tensor instead of two), or None where it cannot: it must be AdamW on the user's own
         slots, with S fixed for the phase (``random`` or ``all`` selection). The slots are Adam's
@@ -146,8 +146,8 @@ class ResuPhaseStep:
         if any(w.select_bits is None or not self._shares_slots(w) for w, _ in taken):
             return None
         self._clear_shared_slots(optimizer, taken)
-        return ThetaRider(
-            {id(w.param): w.select_bits for w, _ in taken},  # type: ignore[misc]
+        return ThetaAdamW(
+            [w.select_bits for w, _ in taken],  # type: ignore[misc]
             lr=config.theta_lr,
             step=self._controller.resu_steps + 1,
             beta1=config.theta_betas[0],
