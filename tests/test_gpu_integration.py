@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import resu_compile as resu
-import resu_compile.optim.updates as updates
+from resu_compile.kernels import masked_adam, masked_sgd, theta_update
 from resu_compile.optim.resu_phase import ResuPhaseStep
 from tests.invariants import CheckedStepper
 from tests.zoo import ZOO_BY_NAME
@@ -73,7 +73,8 @@ def test_fused_path_equals_reference_path_on_cuda(
     entry = ZOO_BY_NAME["mlp"]
     fused_model, fused = _run(entry, torch.float32, OPTIMIZERS["adamw"], "aot_eager", gradient_mask)
     torch._dynamo.reset()
-    monkeypatch.setattr(updates, "_fused", lambda tensor: False)  # the references, on CUDA
+    for family in (masked_adam, masked_sgd, theta_update):  # the references, on CUDA
+        monkeypatch.setattr(family, "on_gpu", lambda tensors: False)
     reference_model, referenced = _run(
         entry, torch.float32, OPTIMIZERS["adamw"], "aot_eager", gradient_mask
     )
@@ -138,7 +139,7 @@ def test_theta_riding_on_the_actives_pass_changes_nothing(monkeypatch: pytest.Mo
     """The default RESU phase (trainable actives, AdamW theta in the optimizer's slots) runs one
     fused pass; with the rider refused it runs two. After the same first RESU step every weight
     is the same bit for bit: the kernels round every multiply and add on its own
-    (``fused_update.FP_FUSION``), so both compiled forms do the same arithmetic."""
+    (``kernels.launch.FP_FUSION``), so both compiled forms do the same arithmetic."""
     one_pass = _after_first_resu_step(monkeypatch, rider=True)
     two_passes = _after_first_resu_step(monkeypatch, rider=False)
     for (name, a), (_, b) in zip(
