@@ -282,7 +282,7 @@ def sweep_section(result: dict[str, Any]) -> str:
 
 
 def tuning_section(result: dict[str, Any]) -> str:
-    """The launch-configuration sweep behind ``fused_update.LAUNCH_CONFIGS``."""
+    """The launch-configuration sweep behind ``kernels.launch.LAUNCH_CONFIGS``."""
     rows = [
         {
             "dtype": r["dtype"],
@@ -303,7 +303,7 @@ def tuning_section(result: dict[str, Any]) -> str:
             _provenance(result, ["python -m benchmarks.tune_updates"]),
             f"Shape {shape}; copy ceiling {result['copy_ceiling_GBps']:.0f} GB/s in the same run. "
             "Every candidate runs with the default FP fusion setting, then the defaults with the "
-            "other one; `default` marks what `fused_update.LAUNCH_CONFIGS` and `FP_FUSION` hold.",
+            "other one; `default` marks what `kernels.launch.LAUNCH_CONFIGS` and `FP_FUSION` hold.",
             tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
         ]
     )
