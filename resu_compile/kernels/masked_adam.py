@@ -66,7 +66,8 @@ def masked_adam_(
     a dense weight). Arguments as in :func:`masked_adam_reference_`; a nonzero ``found_inf`` (one
     fp32 or bool element on the weights' device) skips the step. ``theta`` needs
     ``keep_pruned=True``, a mask for every weight, ``maximize=False`` and decoupled (or zero)
-    weight decay: the conditions under which both steps share one pass.
+    weight decay: the conditions under which both steps share one pass. (Over 60 lines: its
+    arguments, one a line.)
     """
     bits = [None] * len(params) if mask_bits is None else mask_bits
     if theta is not None and (
@@ -111,20 +112,11 @@ def masked_adam_(
         masked_adam_reference_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], bits[i], **hyper)
         if theta is not None:
             theta_update_reference_(
-                params[i],
-                grads[i],
-                theta.select_bits[i],
-                rule="adamw",
-                lr=theta.lr,
-                step=theta.step,
-                exp_avg=exp_avgs[i],
-                exp_avg_sq=exp_avg_sqs[i],
-                beta1=theta.beta1,
-                beta2=theta.beta2,
-                eps=theta.eps,
-                weight_decay=theta.weight_decay,
-                found_inf=found_inf,
-            )
+                params[i], grads[i], theta.select_bits[i], rule="adamw", lr=theta.lr,
+                step=theta.step, exp_avg=exp_avgs[i], exp_avg_sq=exp_avg_sqs[i],
+                beta1=theta.beta1, beta2=theta.beta2, eps=theta.eps,
+                weight_decay=theta.weight_decay, found_inf=found_inf,
+            )  # fmt: skip
 
 
 def masked_adam_reference_(

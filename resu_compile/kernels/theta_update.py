@@ -45,7 +45,8 @@ def theta_update_(
 
     ``exp_avgs`` / ``exp_avg_sqs`` are lists (one state per weight) where the rule needs them,
     ``consistency_ms`` / ``consistency_vs`` in consistency mode; the rules are those of
-    :func:`theta_update_reference_`. A nonzero ``found_inf`` skips the step.
+    :func:`theta_update_reference_`. A nonzero ``found_inf`` skips the step. (Over 60 lines: its
+    arguments, one a line.)
     """
     check_theta_args(rule, exp_avgs, exp_avg_sqs)
     check_consistency_args(consistency_ms, consistency_vs)
@@ -122,7 +123,8 @@ def theta_update_reference_(
     - ``adamw``: bias-corrected AdamW with decoupled weight decay (``exp_avg``, ``exp_avg_sq``).
 
     In consistency mode (``consistency_m``, ``consistency_v``: the statistics) the gradient is
-    weighted by ``C = |m| / (v + delta)``. A set ``found_inf`` skips the step.
+    weighted by ``C = |m| / (v + delta)``. A set ``found_inf`` skips the step. (Over 60 lines: its
+    arguments, one a line, and the three rules.)
     """
     check_theta_args(rule, exp_avg, exp_avg_sq)
     consistency = check_consistency_args(consistency_m, consistency_v)

@@ -204,7 +204,7 @@ def masked_adam_triton_(
 ) -> None:
     """The masked Adam step of weights of one device and dtype, in one launch (arguments as in
     :func:`resu_compile.kernels.masked_adam.masked_adam_`, whose checks of ``theta`` it relies
-    on)."""
+    on). (Over 60 lines: its arguments and the kernel's, one a line.)"""
     scalars = adam_scalars(step, lr, beta1, beta2, weight_decay)
     launch.check_found_inf("masked_adam_triton_", found_inf, params)
     bits = [] if mask_bits is None else [mask_bits]

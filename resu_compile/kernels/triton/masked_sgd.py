@@ -95,7 +95,7 @@ def _masked_sgd_kernel(
     VEC: tl.constexpr,
 ):
     """Address rows: param, grad, the momentum buffer if HAS_MOMENTUM, then the mask bits if
-    HAS_MASK."""
+    HAS_MASK. (Over 60 lines: one argument a line.)"""
     skip = False  # a constexpr: no branch at all without found_inf
     if HAS_FOUND_INF:  # loaded alongside the block table; skips before any weight or state
         skip = tl.load(found_inf_ptr) != 0

@@ -203,7 +203,8 @@ def theta_update_triton_(
     delta: float = DELTA,
 ) -> None:
     """The theta step of weights of one device and dtype, in one launch (arguments as in
-    :func:`resu_compile.kernels.theta_update.theta_update_`)."""
+    :func:`resu_compile.kernels.theta_update.theta_update_`). (Over 60 lines: its arguments and
+    the kernel's, one a line.)"""
     check_theta_args(rule, exp_avgs, exp_avg_sqs)
     consistency = check_consistency_args(consistency_ms, consistency_vs)
     uses_m, uses_v = rule != "sgd", rule == "adamw"
