@@ -1,4 +1,4 @@
-"""Bandwidth of the fused masked updates, sort-free top-k and the inline W_eff matmul (GPU only).
+"""Bandwidth of the masked update kernels and of segmented top-k (GPU only).
 
 The update kernels are memory bound, so the figure of merit is achieved bandwidth against the copy
 ceiling measured in the same run (a large device-to-device ``copy_``, bytes read + written). Bytes
@@ -8,26 +8,17 @@ sector, so the dense byte count is the traffic. A theta step on a 20% selection 
 so it is reported as time only. Times are ``triton.testing.do_bench`` medians (L2 flushed per run).
 
 The multi-tensor case times the RESU phase's theta step over GPT-2-small's 48 managed weights (bf16,
-20% selected) as 48 per-weight ``fused_theta_update_`` calls against one
-``fused_theta_update_multi_``, Python included: ``host ms`` is the time for the calls to return
-(queue idle at the start: the CPU cost of the step), ``wall ms`` the time from an idle GPU to the
-work done (``torch.cuda.synchronize`` on both sides), both ``time.perf_counter`` medians; ``do_bench
-ms`` is do_bench's median of the same callable.
+20% selected) as 48 calls of ``theta_update_`` on one weight each against one call on all of them,
+Python included: ``host ms`` is the time for the calls to return (queue idle at the start: the CPU
+cost of the step), ``wall ms`` the time from an idle GPU to the work done
+(``torch.cuda.synchronize`` on both sides), both ``time.perf_counter`` medians; ``do_bench ms`` is
+do_bench's median of the same callable.
 
-The inline case times one linear layer ``tokens x in -> out`` in bf16 whose weight is kept apart
-from theta (``W_eff = where(M, W, Theta)``, mask packed as bits, 50% random): forward and forward +
-backward (``torch.autograd.grad`` of ``Y`` against a fixed ``dY``) of cuBLAS ``F.linear`` on the
-in-place ``W`` (the dense baseline: in-place storage IS ``W_eff``), of materializing ``W_eff`` then
-cuBLAS (eager, and fused into one Inductor kernel), and of the inline Triton kernels
-(:mod:`resu_compile.kernels.inline_matmul`; the first call autotunes them, before timing). The
-``x, theta`` rows are the RESU phase with frozen actives (no weight gradient). ``TFLOP/s`` counts
-``2 * tokens * in * out`` per matmul; ``peak MB`` is the peak allocation of one forward + backward
-above what was allocated before it (inputs resident), ``+MB vs dense`` its excess over the cuBLAS
-row; ``max err`` the largest difference of the forward output to the eager materialized one
-(blank for the dense row, which computes with ``W`` alone).
+The top-k case times the exact segmented ``topk_bits`` (packed bits out) against ``torch.topk`` and
+``torch.kthvalue`` on one tensor.
 
 Usage (on the GPU machine): ``python -m benchmarks.kernels [--out benchmarks/results/kernels.json]
-[--only inline ...]``. With ``--only`` just the named sections run and, if ``--out`` exists, they
+[--only updates ...]``. With ``--only`` just the named sections run and, if ``--out`` exists, they
 replace those sections in it and keep the others; ``provenance`` records where and when each
 section was measured.
 """
@@ -43,22 +34,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 from tabulate import tabulate
 from triton.testing import do_bench
 
-from resu_compile.kernels import fused_update, inline_matmul
-from resu_compile.kernels.bits import pack_bits, unpack_bits
-from resu_compile.kernels.fused_update import (
-    ThetaAdamW,
-    fused_masked_adam_,
-    fused_masked_adam_multi_,
-    fused_masked_sgd_,
-    fused_theta_update_,
-    fused_theta_update_multi_,
-)
-from resu_compile.kernels.select import count_at_least, topk_threshold_approx
+from resu_compile.kernels import launch
+from resu_compile.kernels.bits import count_bits, pack_bits
+from resu_compile.kernels.masked_adam import ThetaAdamW, masked_adam_
+from resu_compile.kernels.segmented_topk import topk_bits
+from resu_compile.kernels.theta_update import theta_update_
+from resu_compile.kernels.triton.masked_adam import masked_adam_triton_
+from resu_compile.kernels.triton.masked_sgd import masked_sgd_triton_
+from resu_compile.kernels.triton.theta_update import theta_update_triton_
 
 SHAPES = [(4096, 4096), (16_000_000,)]  # the second is not a power of two: tail blocks count too
 DTYPES = [torch.bfloat16, torch.float32]
@@ -79,11 +66,8 @@ TOPK_FRACTIONS = [0.2, 0.5]  # alpha of selective RESU and k_screen of the consi
 # GPT-2-small's managed weights: per block attn c_attn, attn c_proj, mlp c_fc, mlp c_proj.
 GPT2_SMALL_SHAPES = [(768, 2304), (768, 768), (3072, 768), (768, 3072)] * 12
 MULTI_REPS = 200
-# Inline W_eff matmul: (tokens, in, out) of one linear layer, bf16, 50% random mask.
-INLINE_SHAPES = [(8192, 4096, 4096), (8192, 768, 3072)]
-INLINE_DENSITY = 0.5
 # --only choices -> key of the JSON result.
-SECTIONS = {"updates": "updates", "multi": "multi_tensor", "topk": "topk", "inline": "inline"}
+SECTIONS = {"updates": "updates", "multi": "multi_tensor", "topk": "topk"}
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -126,44 +110,46 @@ def _update_cases(
         maximize=False,
         first_step=False,
     )
-    theta_kw = dict(rule="adamw", lr=1e-4, step=10, exp_avg=m, exp_avg_sq=v, weight_decay=1e-2)
+    theta_kw = dict(
+        rule="adamw", lr=1e-4, step=10, exp_avgs=[m], exp_avg_sqs=[v], weight_decay=1e-2
+    )
     theta_sel = pack_bits(~mask & (torch.rand(shape, generator=gen, device="cuda") < 0.2))
-    rider = ThetaAdamW([theta_sel], lr=1e-4, step=10, weight_decay=1e-2)
+    same_pass = ThetaAdamW([theta_sel], lr=1e-4, step=10, weight_decay=1e-2)
     steps = torch.zeros((), dtype=torch.float32, device="cuda")
     return [
         (
             "masked SGD momentum",
             5 * es * n + mask_bytes,
-            lambda: fused_masked_sgd_(p, g, m, bits, **sgd_kw),
+            lambda: masked_sgd_triton_([p], [g], [m], [bits], **sgd_kw),
         ),
         (
             "masked AdamW",
             7 * es * n + mask_bytes,
-            lambda: fused_masked_adam_(p, g, m, v, bits, **adam_kw),
+            lambda: masked_adam_triton_([p], [g], [m], [v], [bits], **adam_kw),
         ),
         (
             "theta AdamW, all selected",
             7 * es * n + mask_bytes,
-            lambda: fused_theta_update_(p, g, dense_bits, **theta_kw),
+            lambda: theta_update_triton_([p], [g], [dense_bits], **theta_kw),
         ),
         (
             "theta AdamW, 20% selected",
             None,
-            lambda: fused_theta_update_(p, g, sparse_sel, **theta_kw),
+            lambda: theta_update_triton_([p], [g], [sparse_sel], **theta_kw),
         ),
         (
-            "RESU step, one pass (AdamW + theta AdamW rider)",
+            "RESU step, one pass (AdamW + theta AdamW)",
             7 * es * n + 2 * mask_bytes,
-            lambda: fused_masked_adam_multi_(
-                [p], [g], [m], [v], [bits], keep_pruned=True, theta=rider, **adam_kw
+            lambda: masked_adam_triton_(
+                [p], [g], [m], [v], [bits], keep_pruned=True, theta=same_pass, **adam_kw
             ),
         ),
         (
             "RESU step, two passes (AdamW, then theta AdamW)",
             None,
             lambda: (
-                fused_masked_adam_(p, g, m, v, bits, keep_pruned=True, **adam_kw),
-                fused_theta_update_(p, g, theta_sel, **theta_kw),
+                masked_adam_triton_([p], [g], [m], [v], [bits], keep_pruned=True, **adam_kw),
+                theta_update_triton_([p], [g], [theta_sel], **theta_kw),
             ),
         ),
         (
@@ -247,17 +233,17 @@ def _multi_cases() -> list[tuple[str, str, Callable]]:
 
         def loop(kw=kw, states=states) -> None:
             for i in range(len(p)):
-                fused_theta_update_(
-                    p[i],
-                    g[i],
-                    sel[i],
-                    exp_avg=m[i] if states else None,
-                    exp_avg_sq=v[i] if states else None,
+                theta_update_(
+                    [p[i]],
+                    [g[i]],
+                    [sel[i]],
+                    exp_avgs=[m[i]] if states else None,
+                    exp_avg_sqs=[v[i]] if states else None,
                     **kw,
                 )
 
         def multi(kw=kw, states=states) -> None:
-            fused_theta_update_multi_(
+            theta_update_(
                 p,
                 g,
                 sel,
@@ -267,27 +253,27 @@ def _multi_cases() -> list[tuple[str, str, Callable]]:
             )
 
         def multi_miss(multi=multi) -> None:
-            fused_update._ADDRESS_TABLES.clear()  # as if every tensor had moved: one H2D copy
+            launch._addresses.cache_clear()  # as if every tensor had moved: one H2D copy
             multi()
 
         case = f"theta {rule}, 20% selected"
         cases += [
-            (case, f"{len(p)} x fused_theta_update_", loop),
-            (case, "1 x fused_theta_update_multi_", multi),
-            (case, "1 x multi, address table rebuilt", multi_miss),
+            (case, f"{len(p)} x theta_update_, one weight each", loop),
+            (case, "1 x theta_update_, all weights", multi),
+            (case, "1 x theta_update_, address table rebuilt", multi_miss),
         ]
     adam_kw = dict(ADAM_HYPER)
 
     def adam_loop() -> None:
         for i in range(len(p)):
-            fused_masked_adam_(p[i], g[i], m[i], v[i], mask[i], **adam_kw)
+            masked_adam_([p[i]], [g[i]], [m[i]], [v[i]], [mask[i]], **adam_kw)
 
     def adam_multi() -> None:
-        fused_masked_adam_multi_(p, g, m, v, mask, **adam_kw)
+        masked_adam_(p, g, m, v, mask, **adam_kw)
 
     cases += [
-        ("masked AdamW, 50% mask", f"{len(p)} x fused_masked_adam_", adam_loop),
-        ("masked AdamW, 50% mask", "1 x fused_masked_adam_multi_", adam_multi),
+        ("masked AdamW, 50% mask", f"{len(p)} x masked_adam_, one weight each", adam_loop),
+        ("masked AdamW, 50% mask", "1 x masked_adam_, all weights", adam_multi),
     ]
     return cases
 
@@ -321,10 +307,9 @@ def _bench_topk() -> list[dict]:
     rows = []
     for fraction in TOPK_FRACTIONS:
         k = int(fraction * TOPK_N)
-        t = topk_threshold_approx(values, k)
-        error = (count_at_least(values, t) - k) / k
+        error = (count_bits(topk_bits([values], [k])[0]) - k) / k
         cases = {
-            "topk_threshold_approx": lambda k=k: topk_threshold_approx(values, k),
+            "topk_bits (segmented, exact)": lambda k=k: topk_bits([values], [k]),
             "torch.topk (sorted=False)": lambda k=k: torch.topk(values, k, sorted=False),
             "torch.kthvalue": lambda k=k: torch.kthvalue(values, TOPK_N - k + 1),
         }
@@ -335,147 +320,10 @@ def _bench_topk() -> list[dict]:
                     "n": TOPK_N,
                     "k": k,
                     "ms": _median_ms(fn),
-                    "count error": error if name == "topk_threshold_approx" else 0.0,
+                    "count error": error if name.startswith("topk_bits") else 0.0,
                 }
             )
     return rows
-
-
-class _InlineCase:
-    """One variant of the inline-matmul comparison on one layer: a forward and the tensors whose
-    gradients its backward computes."""
-
-    def __init__(
-        self,
-        variant: str,
-        forward: Callable[[], torch.Tensor],
-        grads: dict[str, torch.Tensor],
-        time_forward: bool = True,
-    ) -> None:
-        self.variant = variant
-        self.forward = forward
-        self.grads = tuple(grads.values())
-        self.grad_names = ", ".join(grads)
-        self.time_forward = time_forward
-
-    def step(self, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Forward + backward (fresh gradients, no accumulation into ``.grad``)."""
-        return torch.autograd.grad(self.forward(), self.grads, dy)
-
-
-def _materialize(bits: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """What the separate-theta storage costs naively: ``W_eff`` as a weight-sized temporary."""
-    return torch.where(unpack_bits(bits, weight.shape), weight, theta)
-
-
-_materialize_compiled = torch.compile(_materialize, dynamic=False)
-
-
-def _inline_cases(
-    shape: tuple[int, int, int],
-) -> tuple[list[_InlineCase], torch.Tensor]:
-    """The variants on fresh bf16 tensors of one ``(tokens, in, out)`` layer, and ``dY``."""
-    tokens, in_f, out_f = shape
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=gen, device="cuda").to(torch.bfloat16)
-
-    x = rand(tokens, in_f).requires_grad_()
-    weight = (rand(out_f, in_f) * in_f**-0.5).requires_grad_()
-    theta = (rand(out_f, in_f) * 0.1 * in_f**-0.5).requires_grad_()
-    bits = pack_bits(torch.rand(out_f, in_f, generator=gen, device="cuda") < INLINE_DENSITY)
-    dy = rand(tokens, out_f)
-
-    def dense() -> torch.Tensor:
-        return F.linear(x, weight)
-
-    def eager() -> torch.Tensor:
-        return F.linear(x, _materialize(bits, weight, theta))
-
-    def fused() -> torch.Tensor:
-        return F.linear(x, _materialize_compiled(bits, weight, theta))
-
-    def inline() -> torch.Tensor:
-        return inline_matmul.InlineLinear.apply(x, weight, bits, theta, None)
-
-    all3, resu = {"x": x, "W": weight, "theta": theta}, {"x": x, "theta": theta}
-    cases = [
-        _InlineCase("cuBLAS F.linear, in-place W (dense)", dense, {"x": x, "W": weight}),
-        _InlineCase("materialize W_eff (eager) + cuBLAS", eager, all3),
-        _InlineCase("materialize W_eff (Inductor) + cuBLAS", fused, all3),
-        _InlineCase("inline Triton", inline, all3),
-        _InlineCase("materialize W_eff (eager) + cuBLAS", eager, resu, time_forward=False),
-        _InlineCase("inline Triton", inline, resu, time_forward=False),
-    ]
-    return cases, dy
-
-
-def _peak_mb(fn: Callable[[], object]) -> float:
-    """Peak allocation of one call above what was allocated before it, in MiB."""
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
-
-
-def _bench_inline() -> list[dict]:
-    rows = []
-    for shape in INLINE_SHAPES:
-        tokens, in_f, out_f = shape
-        flop = 2 * tokens * in_f * out_f
-        cases, dy = _inline_cases(shape)
-        with torch.no_grad():
-            want = cases[1].forward().float()
-        dense_fwd = dense_step = dense_peak = None
-        for case in cases:
-            err = None
-            if case is not cases[0]:
-                with torch.no_grad():
-                    err = (case.forward().float() - want).abs().max().item()
-            fwd_ms = None
-            if case.time_forward:
-                with torch.no_grad():
-                    fwd_ms = _median_ms(case.forward)
-            step_ms = _median_ms(lambda case=case, dy=dy: case.step(dy))
-            peak = _peak_mb(lambda case=case, dy=dy: case.step(dy))
-            # Forward, dX, and one matmul for W_eff's gradient however it is split (W, theta).
-            step_flop = flop * (2 + ("x" in case.grad_names.split(", ")))
-            if dense_step is None:
-                dense_fwd, dense_step, dense_peak = fwd_ms, step_ms, peak
-            rows.append(
-                {
-                    "shape": "x".join(map(str, shape)),
-                    "variant": case.variant,
-                    "grads": case.grad_names,
-                    "fwd ms": fwd_ms,
-                    "fwd TFLOP/s": None if fwd_ms is None else flop / fwd_ms / 1e9,
-                    "fwd vs dense": None if fwd_ms is None else fwd_ms / dense_fwd,
-                    "fwd+bwd ms": step_ms,
-                    "fwd+bwd TFLOP/s": step_flop / step_ms / 1e9,
-                    "fwd+bwd vs dense": step_ms / dense_step,
-                    "peak MB": peak,
-                    "+MB vs dense": peak - dense_peak,
-                    "max err": err,
-                }
-            )
-        del cases, dy
-        torch.cuda.empty_cache()
-    return rows
-
-
-def inline_table(rows: list[dict]) -> str:
-    """The inline rows as printed (``None``, e.g. no forward timing, as blank)."""
-    return tabulate(
-        [{k: ("" if v is None else v) for k, v in row.items()} for row in rows],
-        headers="keys",
-        floatfmt=".4g",
-    )
 
 
 def _environment() -> dict[str, str]:
@@ -518,9 +366,6 @@ def main() -> None:
     if "multi" in run:
         result["multi_tensor"] = _bench_multi()
         tables.append(tabulate(result["multi_tensor"], headers="keys", floatfmt=".4g"))
-    if "inline" in run:
-        result["inline"] = _bench_inline()
-        tables.append(inline_table(result["inline"]))
     for section in run:
         provenance[SECTIONS[section]] = env
     args.out.parent.mkdir(parents=True, exist_ok=True)

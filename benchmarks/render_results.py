@@ -140,81 +140,7 @@ def kernels_section(result: dict[str, Any]) -> str:
             "### One launch for all managed weights (GPT-2-small shapes)",
             tabulate(multi, headers="keys", tablefmt="github", disable_numparse=True),
         ]
-    if result.get("inline"):
-        parts.append(inline_section(result))
     return "\n\n".join(parts)
-
-
-def inline_section(result: dict[str, Any]) -> str:
-    """The inline W_eff matmul rows of the kernels JSON, with their own provenance."""
-    rows = [
-        {
-            "shape": r["shape"],
-            "variant": r["variant"],
-            "grads": r["grads"],
-            "fwd ms": _number(r["fwd ms"], ".3f"),
-            "fwd TFLOP/s": _number(r["fwd TFLOP/s"], ".0f"),
-            "fwd vs dense": _ratio(r["fwd vs dense"]),
-            "fwd+bwd ms": _number(r["fwd+bwd ms"], ".3f"),
-            "fwd+bwd TFLOP/s": _number(r["fwd+bwd TFLOP/s"], ".0f"),
-            "fwd+bwd vs dense": _ratio(r["fwd+bwd vs dense"]),
-            "peak MB": _number(r["peak MB"], ".1f"),
-            "+MB vs dense": _number(r["+MB vs dense"], ".1f"),
-            "max err": _number(r["max err"], ".2g"),
-        }
-        for r in result["inline"]
-    ]
-    provenance = result.get("provenance", {}).get("inline", result)
-    return "\n\n".join(
-        [
-            "### Inline effective-weight matmul vs cuBLAS",
-            _provenance(provenance, "python -m benchmarks.kernels --only inline"),
-            "One bf16 linear layer `tokens x in x out` whose weight is kept apart from theta "
-            "(`W_eff = where(M, W, Theta)`, mask packed as bits, 50% random). The first row of "
-            "each shape is cuBLAS on the in-place `W` (the dense baseline); `grads` are the "
-            "tensors the backward differentiates (`x, theta`: the RESU phase with frozen actives, "
-            "forward not timed again). `peak MB`: peak allocation of one forward + backward above "
-            "the resident inputs; `max err`: largest forward difference to the eager "
-            "materialized `W_eff`.",
-            inline_fastest(result["inline"]),
-            tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
-        ]
-    )
-
-
-def inline_fastest(rows: list[dict[str, Any]]) -> str:
-    """One sentence, computed from the rows: per shape, the fastest variant in forward and in
-    forward + backward, and the fastest of those keeping theta apart from ``W`` (per gradients)."""
-    clauses = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        mine = [r for r in rows if r["shape"] == shape]
-        apart = mine[1:]  # kernels.py times the dense baseline first
-        timed = [r for r in mine if r["fwd ms"] is not None]
-        step = min(mine, key=lambda r: r["fwd+bwd ms"])
-        overall = f"forward + backward `{step['variant']}` ({step['fwd+bwd ms']:.3f} ms)"
-        if timed:
-            fwd = min(timed, key=lambda r: r["fwd ms"])
-            overall = f"forward `{fwd['variant']}` ({fwd['fwd ms']:.3f} ms), " + overall
-        kept = []
-        timed_apart = [r for r in apart if r["fwd ms"] is not None]
-        if timed_apart:
-            fwd = min(timed_apart, key=lambda r: r["fwd ms"])
-            kept.append(f"forward `{fwd['variant']}` ({fwd['fwd vs dense']:.2f}x dense)")
-        for grads in dict.fromkeys(r["grads"] for r in apart):
-            best = min((r for r in apart if r["grads"] == grads), key=lambda r: r["fwd+bwd ms"])
-            kept.append(
-                f"forward + backward of {grads} `{best['variant']}` "
-                f"({best['fwd+bwd vs dense']:.2f}x dense)"
-            )
-        clause = f"{shape}: {overall}"
-        if kept:
-            clause += "; keeping theta apart, " + ", ".join(kept)
-        clauses.append(clause)
-    return "Fastest per shape, from the table: " + ". ".join(clauses) + "."
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "" if value is None else format(value, spec)
 
 
 def transitions_section(result: dict[str, Any]) -> str:
@@ -356,7 +282,7 @@ def sweep_section(result: dict[str, Any]) -> str:
 
 
 def tuning_section(result: dict[str, Any]) -> str:
-    """The launch-configuration sweep behind ``fused_update.LAUNCH_CONFIGS``."""
+    """The launch-configuration sweep behind ``kernels.launch.LAUNCH_CONFIGS``."""
     rows = [
         {
             "dtype": r["dtype"],
@@ -377,7 +303,7 @@ def tuning_section(result: dict[str, Any]) -> str:
             _provenance(result, ["python -m benchmarks.tune_updates"]),
             f"Shape {shape}; copy ceiling {result['copy_ceiling_GBps']:.0f} GB/s in the same run. "
             "Every candidate runs with the default FP fusion setting, then the defaults with the "
-            "other one; `default` marks what `fused_update.LAUNCH_CONFIGS` and `FP_FUSION` hold.",
+            "other one; `default` marks what `kernels.launch.LAUNCH_CONFIGS` and `FP_FUSION` hold.",
             tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
         ]
     )

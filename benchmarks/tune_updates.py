@@ -2,8 +2,9 @@
 
 For each element size, the update kernels of ``benchmarks/kernels.py`` are timed on the same
 tensors, as a share of the copy bandwidth measured in the same run: under every ``(BLOCK,
-num_warps)`` candidate set in ``fused_update.LAUNCH_CONFIGS`` (for the plain updates and the
-one-pass RESU step), then under the defaults with ``fused_update.FP_FUSION`` flipped. Usage (GPU machine):
+num_warps)`` candidate set in ``kernels.launch.LAUNCH_CONFIGS`` (for the plain updates and the
+one-pass RESU step), then under the defaults with ``kernels.launch.FP_FUSION`` flipped. Usage (GPU
+machine):
 
     python -m benchmarks.tune_updates [--out benchmarks/results/tune_updates.json]
 """
@@ -18,7 +19,7 @@ from tabulate import tabulate
 
 from benchmarks.common import environment, write_json
 from benchmarks.kernels import _copy_ceiling_gbps, _median_ms, _update_cases
-from resu_compile.kernels import fused_update
+from resu_compile.kernels import launch
 
 SHAPE = (4096, 4096)
 # (BLOCK, num_warps) candidates, from 2 to 32 elements a thread.
@@ -36,7 +37,7 @@ CANDIDATES = [
 KERNELS = {
     "masked AdamW": False,
     "theta AdamW, all selected": False,
-    "RESU step, one pass (AdamW + theta AdamW rider)": True,
+    "RESU step, one pass (AdamW + theta AdamW)": True,
 }
 
 
@@ -48,21 +49,21 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune_updates.py needs a CUDA GPU")
     ceiling = _copy_ceiling_gbps()
-    default = dict(fused_update.LAUNCH_CONFIGS)
+    default = dict(launch.LAUNCH_CONFIGS)
     rows = []
-    fusion = fused_update.FP_FUSION
+    fusion = launch.FP_FUSION
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         size = dtype.itemsize
         # Every candidate with the default FP_FUSION, then the defaults with the other setting.
         runs = [(config, fusion) for config in CANDIDATES] + [(None, not fusion)]
         for config, fp_fusion in runs:
-            fused_update.FP_FUSION = fp_fusion
+            launch.FP_FUSION = fp_fusion
             for theta in (False, True):
-                fused_update.LAUNCH_CONFIGS[size, theta] = config or default[size, theta]
+                launch.LAUNCH_CONFIGS[size, theta] = config or default[size, theta]
             for name, nbytes, fn in _update_cases(SHAPE, dtype):
                 if name not in KERNELS or nbytes is None:
                     continue
-                block, warps = fused_update.LAUNCH_CONFIGS[size, KERNELS[name]]
+                block, warps = launch.LAUNCH_CONFIGS[size, KERNELS[name]]
                 ms = _median_ms(fn)
                 rows.append(
                     {
@@ -79,8 +80,8 @@ def main() -> None:
                     }
                 )
             torch.cuda.empty_cache()
-        fused_update.LAUNCH_CONFIGS.update(default)
-        fused_update.FP_FUSION = fusion
+        launch.LAUNCH_CONFIGS.update(default)
+        launch.FP_FUSION = fusion
     result = {**environment(), "copy_ceiling_GBps": ceiling, "shape": SHAPE, "rows": rows}
     write_json(args.out, result)
     print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}")

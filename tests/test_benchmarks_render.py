@@ -1,6 +1,6 @@
 """The benchmark bookkeeping that runs without a GPU: merging overhead runs and rendering tables.
 
-``benchmarks/overhead.py --merge`` and the transitions / inline sections of
+``benchmarks/overhead.py --merge`` and the transitions / kernels sections of
 ``benchmarks/render_results.py`` are exercised on small fake result dicts.
 """
 
@@ -162,81 +162,20 @@ def test_render_places_transitions_after_overhead_and_survives_missing_files(tmp
     assert "## Kernels" not in alone
 
 
-# render_results.py: inline matmul
+# render_results.py: kernels
 
 
-def _inline_row(shape: str, variant: str, grads: str, fwd: float | None, step: float):
-    dense_fwd, dense_step = {"8x4x4": (1.0, 3.0), "8x2x2": (2.0, 4.0)}[shape]
-    return {
-        "shape": shape,
-        "variant": variant,
-        "grads": grads,
-        "fwd ms": fwd,
-        "fwd TFLOP/s": None if fwd is None else 10.0 / fwd,
-        "fwd vs dense": None if fwd is None else fwd / dense_fwd,
-        "fwd+bwd ms": step,
-        "fwd+bwd TFLOP/s": 30.0 / step,
-        "fwd+bwd vs dense": step / dense_step,
-        "peak MB": 100.0,
-        "+MB vs dense": 0.0,
-        "max err": None if variant == "dense" else 0.0,
+def test_kernels_section_renders_only_the_sections_the_json_holds():
+    """An ``--only`` run leaves sections out (no crash); keys no section reads are ignored."""
+    result = {
+        **ENV,
+        "topk": [{"method": "topk_bits", "n": 8, "k": 2, "ms": 0.5, "count error": 0.0}],
+        "inline": [{"shape": "8x4x4", "variant": "dense"}],
     }
-
-
-def _kernels() -> dict[str, Any]:
-    inline = [
-        _inline_row("8x4x4", "dense", "x, W", 1.0, 3.0),
-        _inline_row("8x4x4", "materialize", "x, W, theta", 1.5, 3.9),
-        _inline_row("8x4x4", "inline", "x, W, theta", 1.2, 3.6),
-        _inline_row("8x4x4", "inline", "x, theta", None, 3.3),
-        # second shape: the inline kernel beats the dense baseline in forward + backward
-        _inline_row("8x2x2", "dense", "x, W", 2.0, 4.0),
-        _inline_row("8x2x2", "inline", "x, W, theta", 2.5, 3.0),
-    ]
-    return {
-        "gpu": "Old GPU",
-        "torch": "1.0",
-        "triton": "2.0",
-        "date": "2025-01-01T00:00:00+00:00",
-        "provenance": {
-            "inline": {"gpu": "Fake GPU", "torch": "2.0", "triton": "3.0", "date": ENV["date"]}
-        },
-        "inline": inline,
-    }
-
-
-def test_inline_section_has_its_own_provenance_and_every_row():
-    text = render_results.kernels_section(_kernels())
-    assert "### Fused update kernels" not in text  # absent from the JSON: left out, no crash
-    assert text.startswith("### Inline effective-weight matmul vs cuBLAS")
-    assert (
-        f"Fake GPU, torch 2.0, triton 3.0, {ENV['date']}; "
-        "`python -m benchmarks.kernels --only inline`" in text
-    )
-    assert "Old GPU" not in text
-    header = _table_rows(text, "shape")[0]
-    assert header == [
-        "shape", "variant", "grads", "fwd ms", "fwd TFLOP/s", "fwd vs dense", "fwd+bwd ms",
-        "fwd+bwd TFLOP/s", "fwd+bwd vs dense", "peak MB", "+MB vs dense", "max err",
-    ]  # fmt: skip
-    rows = _table_rows(text, "8x")
-    assert len(rows) == 6
-    no_forward = next(r for r in rows if r[2] == "x, theta")
-    assert no_forward[3:6] == ["", "", ""]  # not timed: blank, not "None"
-    assert rows[0][-1] == ""  # the dense row has no error
-
-
-def test_inline_fastest_sentence_is_computed_from_the_rows():
-    sentence = render_results.inline_fastest(_kernels()["inline"])
-    first, second = sentence.split(". 8x2x2: ")
-    assert first.startswith("Fastest per shape, from the table: 8x4x4: forward `dense` (1.000 ms)")
-    assert "forward + backward `dense` (3.000 ms)" in first
-    assert "keeping theta apart, forward `inline` (1.20x dense)" in first
-    assert "forward + backward of x, W, theta `inline` (1.20x dense)" in first
-    assert "forward + backward of x, theta `inline` (1.10x dense)" in first
-    assert "materialize" not in first  # never the fastest of anything here
-    assert second.startswith("forward `dense` (2.000 ms), forward + backward `inline` (3.000 ms)")
-    assert "forward + backward of x, W, theta `inline` (0.75x dense)" in second
+    text = render_results.kernels_section(result)
+    assert text.startswith("### Top-k selection without sorting")
+    assert "### Fused update kernels" not in text and "Inline" not in text
+    assert _table_rows(text, "topk_bits") == [["topk_bits", "8", "2", "0.500", "0.00e+00"]]
 
 
 def test_tuning_section_shows_every_candidate_and_marks_the_default():

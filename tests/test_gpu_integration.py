@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import resu_compile as resu
-import resu_compile.optim.updates as updates
+from resu_compile.kernels import masked_adam, masked_sgd, theta_update
 from resu_compile.optim.theta import ThetaSettings
 from tests.invariants import CheckedStepper
 from tests.zoo import ZOO_BY_NAME
@@ -73,7 +73,8 @@ def test_fused_path_equals_reference_path_on_cuda(
     entry = ZOO_BY_NAME["mlp"]
     fused_model, fused = _run(entry, torch.float32, OPTIMIZERS["adamw"], "aot_eager", gradient_mask)
     torch._dynamo.reset()
-    monkeypatch.setattr(updates, "_fused", lambda tensor: False)  # the references, on CUDA
+    for family in (masked_adam, masked_sgd, theta_update):  # the references, on CUDA
+        monkeypatch.setattr(family, "on_gpu", lambda tensors: False)
     reference_model, referenced = _run(
         entry, torch.float32, OPTIMIZERS["adamw"], "aot_eager", gradient_mask
     )
@@ -111,10 +112,10 @@ def test_every_method_option_keeps_the_invariants_on_cuda(dtype: torch.dtype, me
     assert controller.history
 
 
-def _after_first_resu_step(monkeypatch: pytest.MonkeyPatch, rider: bool) -> torch.nn.Module:
+def _after_first_resu_step(monkeypatch: pytest.MonkeyPatch, same_pass: bool) -> torch.nn.Module:
     """The zoo transformer trained (seeded) up to and including its first RESU step."""
     torch._dynamo.reset()
-    if not rider:
+    if not same_pass:
         monkeypatch.setattr(ThetaSettings, "same_pass", lambda self, weights: None)
     entry = ZOO_BY_NAME["transformer"]
     torch.manual_seed(0)
@@ -136,11 +137,11 @@ def _after_first_resu_step(monkeypatch: pytest.MonkeyPatch, rider: bool) -> torc
 
 def test_theta_riding_on_the_actives_pass_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default RESU phase (trainable actives, AdamW theta in the optimizer's slots) runs one
-    fused pass; with the rider refused it runs two. After the same first RESU step every weight
+    fused pass; with the same pass refused it runs two. After the same first RESU step every weight
     is the same bit for bit: the kernels round every multiply and add on its own
-    (``fused_update.FP_FUSION``), so both compiled forms do the same arithmetic."""
-    one_pass = _after_first_resu_step(monkeypatch, rider=True)
-    two_passes = _after_first_resu_step(monkeypatch, rider=False)
+    (``kernels.launch.FP_FUSION``), so both compiled forms do the same arithmetic."""
+    one_pass = _after_first_resu_step(monkeypatch, same_pass=True)
+    two_passes = _after_first_resu_step(monkeypatch, same_pass=False)
     for (name, a), (_, b) in zip(
         one_pass.named_parameters(), two_passes.named_parameters(), strict=True
     ):

@@ -1,1 +1,3 @@
-"""Kernels: packed bits, the resu custom ops, pure-PyTorch references and their Triton versions."""
+"""Kernels: packed bits, graph ops, and one module per kernel family (its entry point and its
+pure-PyTorch reference); the Triton kernels live in :mod:`resu_compile.kernels.triton`, imported
+only when a CUDA tensor needs them."""

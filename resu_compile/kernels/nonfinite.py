@@ -6,7 +6,8 @@ Before the managed updates of a step, the bridge checks every managed gradient (
 ``found_inf``, so nothing waits for it. Built from ``torch._foreach_norm``, a stack, a max and
 casts, the check costs the host a dozen launches and an output tensor per weight; on a model whose
 step is bound by the host (ViT-B: the host spends as long launching a step as the GPU running it)
-that time is added to every step. Here it is one launch per dtype that reads each tensor once.
+that time is added to every step. Here it is one launch per dtype that reads each tensor once
+(:mod:`resu_compile.kernels.triton.nonfinite`).
 """
 
 from __future__ import annotations
@@ -14,43 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
-from resu_compile.kernels.segments import (
-    BLOCK,
-    CHUNK_BLOCKS,
-    FLOAT_DTYPES,
-    NUM_WARPS,
-    address_table,
-    chunk_tables,
-    load_chunk,
-    on_gpu,
-    segment_ptr,
-)
-
-
-@triton.jit
-def _any_nonfinite_kernel(
-    addrs_ptr,
-    n_segments,
-    chunks_ptr,
-    numels_ptr,
-    flag_ptr,
-    DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    CHUNK_BLOCKS: tl.constexpr,
-):
-    """Sets ``flag_ptr[0] = 1`` if this program's chunk holds a NaN or an Inf (a plain store: every
-    writer writes the same value)."""
-    _pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
-    ptr = segment_ptr(addrs_ptr, 0, n_segments, seg, DTYPE)
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for i in range(CHUNK_BLOCKS):
-        offs = chunk_start + i * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        bad = bad | ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
-    tl.store(flag_ptr, 1.0, mask=tl.max(bad, 0) > 0)
+from resu_compile.kernels.launch import FLOAT_DTYPES, on_gpu
 
 
 def any_nonfinite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -70,13 +36,16 @@ def any_nonfinite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
         elif tensor.numel():
             rest.append(tensor)
-    for (device, dtype), members in groups.items():
-        if device == flag.device:
-            any_nonfinite_triton_(members, dtype, flag)
-        else:
-            elsewhere = torch.zeros(1, dtype=torch.float32, device=device)
-            any_nonfinite_triton_(members, dtype, elsewhere)
-            flag = torch.maximum(flag, elsewhere.to(flag.device))
+    if groups:
+        from resu_compile.kernels.triton.nonfinite import any_nonfinite_triton_
+
+        for (device, dtype), members in groups.items():
+            if device == flag.device:
+                any_nonfinite_triton_(members, dtype, flag)
+            else:
+                elsewhere = torch.zeros(1, dtype=torch.float32, device=device)
+                any_nonfinite_triton_(members, dtype, elsewhere)
+                flag = torch.maximum(flag, elsewhere.to(flag.device))
     if rest:
         flag = torch.maximum(flag, any_nonfinite_reference(rest).to(flag.device))
     return flag
@@ -87,23 +56,3 @@ def any_nonfinite_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     finite = torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
     return (~finite).to(torch.float32).reshape(1)
-
-
-def any_nonfinite_triton_(
-    tensors: Sequence[torch.Tensor], dtype: torch.dtype, flag: torch.Tensor
-) -> None:
-    """The Triton path over contiguous tensors of one ``dtype`` on ``flag``'s device: sets
-    ``flag[0] = 1`` if one holds NaN or Inf (``flag`` is left as it is otherwise)."""
-    device = flag.device
-    tables = chunk_tables([t.numel() for t in tensors], device)
-    _any_nonfinite_kernel[tables.grid](
-        address_table([tensors], device),
-        len(tensors),
-        tables.chunks,
-        tables.numels,
-        flag,
-        DTYPE=FLOAT_DTYPES[dtype],
-        BLOCK=BLOCK,
-        CHUNK_BLOCKS=CHUNK_BLOCKS,
-        num_warps=NUM_WARPS,
-    )

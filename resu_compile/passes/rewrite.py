@@ -7,8 +7,6 @@ Variants differ only in what sits between a managed weight and its consumers:
   Inductor into the kernel that already writes that gradient;
 - ``calibrate``: the input-column norms of every linear use are accumulated into a buffer.
 
-With ``linear_op="resu"`` every linear-like use also becomes ``torch.ops.resu.linear``.
-
 Dynamo's own ``GraphModule`` is never mutated (doing so later fails with ``KeyError: grapharg``):
 each variant is a fresh graph copied node by node, with the Dynamo metadata carried over. Extra
 inputs (mask bits, norm buffers) are appended after Dynamo's placeholders, one per managed weight
@@ -19,10 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
-from resu_compile.kernels import ops  # noqa: F401  (registers torch.ops.resu.*)
 from resu_compile.kernels.graph_ops import accumulate_input_sq_norms, mask_gradient
 from resu_compile.passes.match import LinearUse
 
@@ -35,7 +31,6 @@ class VariantSpec:
 
     mask_gradients: bool = False
     record_norms: bool = False
-    resu_linear: bool = False
 
     @property
     def extra_inputs(self) -> tuple[str, ...]:
@@ -70,9 +65,6 @@ def build_variant(
                 graph.call_function(
                     accumulate_input_sq_norms, (node_map[use.x], extra["sq_norms"][slot])
                 )
-    if spec.resu_linear:
-        for use in linear_uses:
-            _rewrite_linear(graph, node_map, use)
     if spec.mask_gradients:
         last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
         for slot, placeholder in enumerate(weights):
@@ -115,17 +107,3 @@ def _mask_weight(graph: fx.Graph, weight: fx.Node, bits: fx.Node, last_input: fx
     masked.meta.update(weight.meta)
     for user in users:
         user.replace_input_with(weight, masked)
-
-
-def _rewrite_linear(graph: fx.Graph, node_map: dict[fx.Node, fx.Node], use: LinearUse) -> None:
-    old = node_map[use.node]
-    x = node_map[use.x]
-    weight = node_map[use.weight_expr]
-    bias = node_map[use.bias] if isinstance(use.bias, fx.Node) else None
-    with graph.inserting_before(old):
-        if use.transpose_needed:
-            weight = graph.call_function(torch.t, (weight,))
-        new = graph.call_function(torch.ops.resu.linear.default, (x, weight, bias))
-    new.meta.update(old.meta)
-    old.replace_all_uses_with(new)
-    graph.erase_node(old)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resu_compile.kernels import reference
 from resu_compile.kernels.bits import pack_bits
 from resu_compile.kernels.consistency import (
     consistency_statistics_,
     consistency_statistics_reference_,
-    consistency_statistics_triton_,
 )
-from resu_compile.kernels.fused_update import fused_theta_update_multi_
+from resu_compile.kernels.theta_update import theta_update_reference_
+from resu_compile.kernels.triton.consistency import consistency_statistics_triton_
+from resu_compile.kernels.triton.theta_update import theta_update_triton_
 from tests.kernels.segment_cases import DEVICES, DTYPES, GPU_DTYPES, MASK_KINDS, SHAPES, mask
 
 CASES = [(shape, kind) for shape in SHAPES for kind in MASK_KINDS]
@@ -72,11 +72,11 @@ def test_consistency_weighted_theta_step_matches_the_reference(device: str) -> N
         want = [t.clone() for t in params]
         want_m, want_v = ([t.clone() for t in row] for row in moments)
         for i in range(len(params)):
-            reference.theta_update_(
+            theta_update_reference_(
                 want[i], grads[i], sel[i], exp_avg=want_m[i], exp_avg_sq=want_v[i],
                 consistency_m=ms[i], consistency_v=vs[i], **kw,
             )  # fmt: skip
-        fused_theta_update_multi_(
+        theta_update_triton_(
             params, grads, sel, exp_avgs=moments[0], exp_avg_sqs=moments[1],
             consistency_ms=ms, consistency_vs=vs, **kw,
         )  # fmt: skip
@@ -84,7 +84,7 @@ def test_consistency_weighted_theta_step_matches_the_reference(device: str) -> N
             for a, b in zip(got, expected, strict=True):
                 torch.testing.assert_close(a, b, **TOL[dtype])  # torch's ops round apart
         unweighted = [t.clone() for t in params]
-        reference.theta_update_(
+        theta_update_reference_(
             unweighted[0], grads[0], sel[0], exp_avg=moments[0][0].clone(),
             exp_avg_sq=moments[1][0].clone(), **kw,
         )  # fmt: skip
@@ -96,11 +96,11 @@ def test_consistency_weighting_changes_the_step_and_needs_both_statistics() -> N
     bits = pack_bits(torch.ones(16, dtype=torch.bool))
     m, v = torch.full((16,), 0.25), torch.full((16,), 0.5)
     plain, weighted = param.clone(), param.clone()
-    reference.theta_update_(plain, grad, bits, rule="sgd", lr=1.0, step=1)
-    reference.theta_update_(
+    theta_update_reference_(plain, grad, bits, rule="sgd", lr=1.0, step=1)
+    theta_update_reference_(
         weighted, grad, bits, rule="sgd", lr=1.0, step=1, consistency_m=m, consistency_v=v
     )
     assert torch.allclose(1 - plain, torch.full((16,), 0.5))
     assert torch.allclose(1 - weighted, torch.full((16,), 0.5 * 0.25 / (0.5 + 1e-8)))
     with pytest.raises(ValueError, match="together"):
-        reference.theta_update_(param, grad, bits, rule="sgd", lr=1.0, step=1, consistency_m=m)
+        theta_update_reference_(param, grad, bits, rule="sgd", lr=1.0, step=1, consistency_m=m)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resu_compile.kernels.nonfinite import (
-    any_nonfinite,
-    any_nonfinite_reference,
-    any_nonfinite_triton_,
-)
+from resu_compile.kernels.nonfinite import any_nonfinite, any_nonfinite_reference
+from resu_compile.kernels.triton.nonfinite import any_nonfinite_triton_
 from tests.kernels.segment_cases import DEVICES, DTYPES, GPU_DTYPES, SHAPES
 
 POISONS = [None, float("nan"), float("inf"), float("-inf")]

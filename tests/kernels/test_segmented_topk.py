@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from resu_compile.kernels import reference
-from resu_compile.kernels.segmented_topk import topk_bits, topk_bits_triton
+from resu_compile.kernels.segmented_topk import topk_bits, topk_bits_reference
+from resu_compile.kernels.triton.segmented_topk import topk_bits_triton
 from tests.kernels.segment_cases import (
     DEVICES,
     DTYPES,
@@ -42,7 +42,7 @@ def _check(device: str, scores, ks, eligible, magnitude: bool) -> None:
     found = run(scores, ks, eligible, magnitude=magnitude)
     for i, (s, k, e) in enumerate(zip(scores, ks, eligible, strict=True)):
         host_e = None if e is None else (e[0].cpu(), e[1])
-        expected = reference.topk_bits(s.cpu(), k, host_e, magnitude)
+        expected = topk_bits_reference(s.cpu(), k, host_e, magnitude)
         assert torch.equal(found[i].cpu(), expected), (i, tuple(s.shape), k, e and e[1])
 
 
@@ -100,7 +100,7 @@ def test_gpt2_sized_layers_gpu(dtype: torch.dtype) -> None:
 def test_dispatch_uses_the_reference_off_the_gpu() -> None:
     scores = [torch.randn(100, generator=generator(0)), torch.empty(0)]
     found = topk_bits(scores, [10, 0])
-    assert torch.equal(found[0], reference.topk_bits(scores[0], 10))
+    assert torch.equal(found[0], topk_bits_reference(scores[0], 10))
     assert found[1].numel() == 0
 
 

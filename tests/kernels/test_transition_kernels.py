@@ -9,11 +9,10 @@ import torch
 from resu_compile.kernels import commit_bits as commit
 from resu_compile.kernels import theta_entry
 from resu_compile.kernels.bits import pack_bits
-from resu_compile.kernels.masked_zero import (
-    zero_where_clear_,
-    zero_where_clear_reference_,
-    zero_where_clear_triton_,
-)
+from resu_compile.kernels.masked_zero import zero_where_clear_, zero_where_clear_reference_
+from resu_compile.kernels.triton import commit_bits as commit_triton
+from resu_compile.kernels.triton import theta_entry as theta_entry_triton
+from resu_compile.kernels.triton.masked_zero import zero_where_clear_triton_
 from tests.kernels.segment_cases import DEVICES, DTYPES, GPU_DTYPES, MASK_KINDS, SHAPES, mask
 
 CASES = [(shape, kind) for shape in SHAPES for kind in MASK_KINDS]
@@ -65,7 +64,9 @@ def test_active_sigma(device: str) -> None:
     for dtype in _dtypes(device):
         weights, bits = _weights(device, dtype), _bits(device)
         active = [int(mask(s, k, i).sum()) for i, (s, k) in enumerate(CASES)]
-        run = theta_entry.active_sigma_triton if device == "cpu" else theta_entry.active_sigma
+        run = (
+            theta_entry_triton.active_sigma_triton if device == "cpu" else theta_entry.active_sigma
+        )
         found = run(weights, bits, active).cpu()
         expected = torch.stack(
             [
@@ -86,7 +87,7 @@ def test_write_theta(device: str) -> None:
         noise = [torch.randn(w.shape, generator=g).to(device) for w in found]
         scale = torch.rand(len(found), generator=g).to(device)
         if device == "cpu":
-            theta_entry.write_theta_triton_(found, masks, selections, noise, scale)
+            theta_entry_triton.write_theta_triton_(found, masks, selections, noise, scale)
         else:
             theta_entry.write_theta_(found, masks, selections, noise, scale)
         host = [t.cpu() for t in expected]
@@ -105,7 +106,7 @@ def test_commit_bits(device: str) -> None:
     numels = [torch.Size(shape).numel() for shape, _ in CASES]
     old, new, trained, revived = (_bits(device, seed) for seed in (0, 50, 100, 150))
     run = (
-        commit.commit_bits_triton(old, new, trained, revived, numels)
+        commit_triton.commit_bits_triton(old, new, trained, revived, numels)
         if device == "cpu"
         else commit.commit_bits(old, new, trained, revived, numels)
     )

@@ -1,0 +1,221 @@
+"""The Triton kernels of :func:`resu_compile.kernels.segmented_topk.topk_bits`: histogram passes,
+tie counts, packed output (the algorithm is in that module's docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from resu_compile.kernels.bits import packed_numel
+from resu_compile.kernels.launch import (
+    BLOCK,
+    CHUNK_BLOCKS,
+    NUM_WARPS,
+    address_table,
+    chunk_tables,
+)
+from resu_compile.kernels.triton.common import (
+    TL_DTYPES,
+    load_chunk,
+    pack_tile,
+    segment_ptr,
+    tile,
+    tile_bits,
+)
+
+# Digit widths of the passes over a 32-bit key, most significant first. ``tl.histogram``'s cost
+# grows with its bin count: on an H100, 2048 bins ran at ~30G keys/s, well under the bandwidth of
+# the reads; 256 bins per pass keep each pass near it, for one pass more.
+DIGITS = (8, 8, 8, 8)
+ALL_ELIGIBLE, ELIGIBLE_WHERE_SET, ELIGIBLE_WHERE_CLEAR = 0, 1, 2
+_NO_KEY = 1 << 32  # above every key: the k-th key of a segment that keeps nothing
+# Address rows: scores, eligibility bits, outputs.
+_SCORES, _ELIGIBLE, _OUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _tile_keys(
+    addrs_ptr,
+    n_segments,
+    seg,
+    start,
+    n,
+    mode,
+    DTYPE: tl.constexpr,
+    MAGNITUDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Keys (int64 images of the uint32 keys) of the tile at ``start`` of segment ``seg``, whether
+    each is eligible (and in bounds), and the tile's byte offsets with their row predicate."""
+    offs, inb, byte_offs, row_inb = tile(start, n, BLOCK)
+    x = tl.load(segment_ptr(addrs_ptr, _SCORES, n_segments, seg, DTYPE) + offs, mask=inb, other=0)
+    x = x.to(tl.float32)
+    if MAGNITUDE:
+        x = tl.abs(x)
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = tl.where(bits == 0x80000000, 0, bits)  # -0.0 ranks as +0.0, as comparisons do
+    key = tl.where((bits & 0x80000000) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    key64 = key.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    # An ALL_ELIGIBLE segment's row points at its output: read, never used.
+    elig = tile_bits(
+        segment_ptr(addrs_ptr, _ELIGIBLE, n_segments, seg, tl.uint8), byte_offs, row_inb
+    )
+    ok = inb & ((mode == 0) | ((mode == 1) & (elig != 0)) | ((mode == 2) & (elig == 0)))
+    return key64, ok, byte_offs, row_inb
+
+
+@triton.jit
+def _histogram_kernel(
+    addrs_ptr,
+    n_segments,
+    chunks_ptr,
+    numels_ptr,
+    modes_ptr,
+    prefix_ptr,
+    hist_ptr,
+    shift,
+    DIGIT_BITS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    DTYPE: tl.constexpr,
+    MAGNITUDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
+):
+    """Histogram of digit ``(key >> shift) & (2**DIGIT_BITS - 1)`` of the chunk's eligible keys
+    whose higher bits equal the segment's prefix, added into the segment's row of ``hist``."""
+    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
+    _pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
+    mode = tl.load(modes_ptr + seg)
+    prefix = tl.load(prefix_ptr + seg)
+    counts = tl.zeros([NUM_BINS], dtype=tl.int32)
+    for i in range(CHUNK_BLOCKS):
+        key, ok, _bytes, _rows = _tile_keys(
+            addrs_ptr, n_segments, seg, chunk_start + i * BLOCK, n, mode, DTYPE, MAGNITUDE, BLOCK
+        )
+        if HAS_PREFIX:
+            ok = ok & ((key >> (shift + DIGIT_BITS)) == prefix)
+        digit = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
+        counts += tl.histogram(tl.reshape(digit, [BLOCK]), NUM_BINS, mask=tl.reshape(ok, [BLOCK]))
+    tl.atomic_add(hist_ptr + seg * NUM_BINS + tl.arange(0, NUM_BINS), counts)
+
+
+@triton.jit
+def _tie_count_kernel(
+    addrs_ptr,
+    n_segments,
+    chunks_ptr,
+    numels_ptr,
+    modes_ptr,
+    kth_ptr,
+    ties_ptr,
+    DTYPE: tl.constexpr,
+    MAGNITUDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
+):
+    """How many eligible keys of the chunk equal its segment's k-th key."""
+    pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
+    mode = tl.load(modes_ptr + seg)
+    kth = tl.load(kth_ptr + seg)
+    ties = tl.zeros((), dtype=tl.int32)
+    for i in range(CHUNK_BLOCKS):
+        key, ok, _bytes, _rows = _tile_keys(
+            addrs_ptr, n_segments, seg, chunk_start + i * BLOCK, n, mode, DTYPE, MAGNITUDE, BLOCK
+        )
+        ties += tl.sum(tl.sum((ok & (key == kth)).to(tl.int32), 1), 0)
+    tl.store(ties_ptr + pid, ties)
+
+
+@triton.jit
+def _write_bits_kernel(
+    addrs_ptr,
+    n_segments,
+    chunks_ptr,
+    numels_ptr,
+    modes_ptr,
+    kth_ptr,
+    needed_ptr,
+    ties_before_ptr,
+    DTYPE: tl.constexpr,
+    MAGNITUDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
+):
+    """The chunk's bytes of its segment's packed output: above the k-th key, or a tie whose rank
+    among the segment's ties is below ``needed``."""
+    pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
+    mode = tl.load(modes_ptr + seg)
+    kth = tl.load(kth_ptr + seg)
+    needed = tl.load(needed_ptr + seg)
+    rank0 = tl.load(ties_before_ptr + pid)  # ties of this segment before this chunk
+    out_ptr = segment_ptr(addrs_ptr, _OUT, n_segments, seg, tl.uint8)
+    for i in range(CHUNK_BLOCKS):
+        key, ok, byte_offs, row_inb = _tile_keys(
+            addrs_ptr, n_segments, seg, chunk_start + i * BLOCK, n, mode, DTYPE, MAGNITUDE, BLOCK
+        )
+        tie = (ok & (key == kth)).to(tl.int64)
+        row_ties = tl.sum(tie, 1)
+        # Exclusive rank of each tie in index order: earlier chunks, earlier rows, earlier columns.
+        rank = rank0 + (tl.cumsum(row_ties, 0) - row_ties)[:, None] + tl.cumsum(tie, 1) - tie
+        chosen = (ok & (key > kth)) | ((tie != 0) & (rank < needed))
+        tl.store(out_ptr + byte_offs, pack_tile(chosen), mask=row_inb)
+        rank0 += tl.sum(row_ties, 0)
+
+
+def topk_bits_triton(
+    scores: Sequence[torch.Tensor],
+    ks: Sequence[int],
+    eligible: Sequence[tuple[torch.Tensor, bool] | None],
+    magnitude: bool = False,
+) -> list[torch.Tensor]:
+    """The Triton path of :func:`resu_compile.kernels.segmented_topk.topk_bits` (one device and
+    dtype for all ``scores``); see there."""
+    n_seg = len(scores)
+    device = scores[0].device
+    numels = [s.numel() for s in scores]
+    outs = [torch.empty(packed_numel(n), dtype=torch.uint8, device=device) for n in numels]
+    modes = [
+        ALL_ELIGIBLE if e is None else ELIGIBLE_WHERE_SET if e[1] else ELIGIBLE_WHERE_CLEAR
+        for e in eligible
+    ]
+    elig_bits = [out if e is None else e[0] for e, out in zip(eligible, outs, strict=True)]
+    addrs = address_table([scores, elig_bits, outs], device)
+    modes_dev = torch.tensor(modes, dtype=torch.int32).to(device, non_blocking=True)
+    k = torch.tensor([max(0, int(x)) for x in ks], dtype=torch.int64).to(device, non_blocking=True)
+    tables = chunk_tables(numels, device)
+    common = {"DTYPE": TL_DTYPES[scores[0].dtype], "MAGNITUDE": magnitude}
+    launch = {"BLOCK": BLOCK, "CHUNK_BLOCKS": CHUNK_BLOCKS, "num_warps": NUM_WARPS}
+    head = (addrs, n_seg, tables.chunks, tables.numels, modes_dev)
+
+    prefix = torch.zeros(n_seg, dtype=torch.int64, device=device)
+    above = torch.zeros(n_seg, dtype=torch.int64, device=device)
+    consumed = 0
+    for digit_bits in DIGITS:
+        shift = 32 - consumed - digit_bits
+        hist = torch.zeros(n_seg, 1 << digit_bits, dtype=torch.int32, device=device)
+        _histogram_kernel[tables.grid](
+            *head, prefix, hist, shift, DIGIT_BITS=digit_bits, HAS_PREFIX=consumed > 0,
+            **common, **launch,
+        )  # fmt: skip
+        hist = hist.long()
+        if consumed == 0:
+            k = torch.minimum(k, hist.sum(1))  # k above the eligible count takes them all
+        # Counts at or above each bin, from the top bin down; the k-th key lies in the first bin
+        # where that count reaches k.
+        at_least = above[:, None] + hist.flip(1).cumsum(1)
+        j = (at_least < k[:, None]).sum(1).clamp(max=hist.shape[1] - 1)
+        above = torch.where(j > 0, at_least.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], above)
+        prefix = (prefix << digit_bits) | (hist.shape[1] - 1 - j)
+        consumed += digit_bits
+    kth = torch.where(k > 0, prefix, _NO_KEY)
+    needed = k - above
+
+    ties = torch.empty(tables.grid[0], dtype=torch.int64, device=device)
+    _tie_count_kernel[tables.grid](*head, kth, ties, **common, **launch)
+    before = torch.cumsum(ties, 0) - ties
+    ties_before = before - before[tables.first_chunk]
+    _write_bits_kernel[tables.grid](*head, kth, needed, ties_before, **common, **launch)
+    return outs
