@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 def render_report(controller: PhaseController) -> str:
     """Managed weights, skipped candidates and the schedule's model totals, as plain-text tables."""
+    skipped = [[s.name, "x".join(map(str, s.shape)), s.reason] for s in controller.state.skipped()]
     managed = [
         [
             w.name,
@@ -30,9 +31,10 @@ def render_report(controller: PhaseController) -> str:
             managed, headers=["name", "shape", "ops", "sparsity", "active"], disable_numparse=True
         )
         if managed
+        else "  (none: every weight seen was skipped, reasons below)"
+        if skipped
         else "  (none yet: run a forward pass)",
     ]
-    skipped = [[s.name, "x".join(map(str, s.shape)), s.reason] for s in controller.state.skipped()]
     if skipped:
         parts += ["Skipped candidates:", tabulate(skipped, headers=["name", "shape", "reason"])]
     if controller.history:
