@@ -28,16 +28,15 @@ LORA_REASON = "LoRA adapter (peft)"
 def lora_adapter_ids(module: torch.nn.Module) -> frozenset[int]:
     """Identities of the LoRA adapter parameters of ``module``.
 
-    By module type when peft is importable (the adapter containers of every ``LoraLayer``), else
-    by the name rule of :func:`is_lora_name`.
+    By module type when peft is importable (the adapter containers of every ``LoraLayer``,
+    whatever their names), and by the name rule of :func:`is_lora_name` (which also finds them
+    when peft is not installed, so the managed set does not depend on it).
     """
+    found = {id(p) for n, p in module.named_parameters(remove_duplicate=False) if is_lora_name(n)}
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
-        return frozenset(
-            id(p) for n, p in module.named_parameters(remove_duplicate=False) if is_lora_name(n)
-        )
-    found: set[int] = set()
+        return frozenset(found)
     for layer in module.modules():
         if isinstance(layer, LoraLayer):
             for attr in LORA_ADAPTER_NAMES:
