@@ -98,13 +98,14 @@ def _graph(spell: Callable[[fx.Graph, fx.Node], fx.Node], weight: nn.Parameter) 
     return fx.GraphModule(nn.Module(), graph)
 
 
-# torch 2.14 traces ``W.T`` on a raw Parameter as ``torch.ops.aten.numpy_T(W)``, and ``.mT`` /
-# ``.mH`` as aten packets too; older versions as ``getattr`` or Tensor methods.
+# torch 2.14 traces ``W.T`` on a raw Parameter as ``torch.ops.aten.numpy_T(W)``, and ``.mT``,
+# ``.mH``, ``.H`` as aten packets too; older versions as ``getattr`` or Tensor methods.
 ATEN_SPELLINGS: dict[str, Callable[[fx.Graph, fx.Node], fx.Node]] = {
     "aten.numpy_T": lambda g, w: g.call_function(torch.ops.aten.numpy_T, (w,)),
     "aten.numpy_T.default": lambda g, w: g.call_function(torch.ops.aten.numpy_T.default, (w,)),
     "aten.mT": lambda g, w: g.call_function(torch.ops.aten.mT, (w,)),
     "aten.mH": lambda g, w: g.call_function(torch.ops.aten.mH, (w,)),
+    "aten.matrix_H": lambda g, w: g.call_function(torch.ops.aten.matrix_H, (w,)),
     "aten.adjoint": lambda g, w: g.call_function(torch.ops.aten.adjoint, (w,)),
     "aten.t": lambda g, w: g.call_function(torch.ops.aten.t, (w,)),
     "aten.transpose.int": lambda g, w: g.call_function(torch.ops.aten.transpose.int, (w, 0, 1)),

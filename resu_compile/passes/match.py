@@ -21,7 +21,9 @@ import torch.nn.functional as F
 _KEEP_METHODS = {"to", "contiguous", "float", "half", "bfloat16", "double", "type"}
 
 # Every spelling of a dim permutation a Dynamo graph holds, by its normalized name:
-# getattr attributes, Tensor methods, torch functions and (torch 2.14) aten overload packets.
+# getattr attributes, Tensor methods, torch functions and (torch 2.14) aten overload packets:
+# there ``W.T`` is ``aten.numpy_T``, ``W.mT`` ``aten.mT``, ``W.mH`` ``aten.mH``, ``W.H``
+# ``aten.matrix_H``.
 _PERMUTE_ATTRS = {"T": "numpy_T", "mT": "mT", "H": "H", "mH": "adjoint"}
 _PERMUTE_METHODS = {
     "t": "t",
@@ -34,6 +36,7 @@ _PERMUTE_METHODS = {
     "mT": "mT",
     "mH": "adjoint",
     "H": "H",
+    "matrix_H": "H",
 }
 _PERMUTE_FUNCTIONS = {
     torch.t: "t",
