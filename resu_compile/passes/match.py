@@ -108,10 +108,6 @@ class WeightCandidate:
     grouped_conv: bool = False
 
     @property
-    def only_weight_uses(self) -> bool:
-        return bool(self.weight_ops) and not self.other_uses
-
-    @property
     def input_dim(self) -> int | None:
         """Dimension of the Parameter that multiplies the input features, when unambiguous."""
         return next(iter(self.input_dims)) if len(self.input_dims) == 1 else None
@@ -205,8 +201,10 @@ def _permute_spelling(node: fx.Node, source: fx.Node) -> tuple[str, tuple] | Non
 def _permutation(name: str, dims: tuple, ndim: int) -> tuple[int, ...] | None:
     """The order of the source dims after the op ``name`` with ``dims``; None if not static."""
     order = list(range(ndim))
-    if name == "t" or (name == "H" and ndim == 2):
-        return tuple(reversed(order)) if ndim == 2 else tuple(order) if ndim < 2 else None
+    if name == "t" and ndim < 2:
+        return tuple(order)
+    if name in ("t", "H"):
+        return tuple(reversed(order)) if ndim == 2 else None
     if name == "numpy_T":
         return tuple(reversed(order))
     if name in ("mT", "adjoint"):
