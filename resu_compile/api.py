@@ -8,6 +8,7 @@ import torch
 
 from resu_compile.backend import ResuBackend, find_controller, track
 from resu_compile.config import ResuConfig
+from resu_compile.passes.select import lora_adapter_ids, param_skip_reason
 from resu_compile.runtime.controller import PhaseController
 
 
@@ -24,8 +25,9 @@ def compile(
     """Compile ``model`` for RESU training; returns the compiled module with a ``.resu`` handle.
 
     ``options`` are :class:`ResuConfig` fields (or pass ``config=``). Validation happens before
-    anything is changed: a bad option, a model without parameters, or a filter that names a
-    non-floating-point weight raises ``ValueError`` and leaves ``model`` as it was.
+    anything is changed: a bad option, a model without parameters, a filter that names a
+    non-floating-point weight, or a filter that selects only weights that cannot be managed
+    (listed with their reasons) raises ``ValueError`` and leaves ``model`` as it was.
 
     ``inplace=True`` compiles ``model`` itself (``nn.Module.compile``) and returns it: its type,
     ``forward`` signature and ``state_dict`` keys stay those of the original class, which is what
@@ -106,13 +108,19 @@ def _check_model(model: torch.nn.Module, config: ResuConfig) -> None:
                 f"resu.compile: include selects {name!r} of dtype {param.dtype}; only "
                 "floating-point weights can be managed"
             )
-    eligible = [
-        n
-        for n, p in params
-        if p.dim() >= 2 and p.is_floating_point() and p.requires_grad and config.selects(n, p)
-    ]
-    if not eligible:
+    adapters = lora_adapter_ids(model)
+    selected = [(n, p) for n, p in params if config.selects(n, p)]
+    reasons = {n: param_skip_reason(n, p, config, id(p) in adapters) for n, p in selected}
+    if any(reason is None for reason in reasons.values()):
+        return
+    if config.include is not None and reasons:
+        listed = "; ".join(f"{n!r}: {r}" for n, r in reasons.items())
         raise ValueError(
-            "resu.compile: no managed weight can be found: no trainable floating-point parameter "
-            "with 2+ dims passes the include / exclude filter"
+            f"resu.compile: no managed weight can be found: include selects only weights that "
+            f"cannot be managed ({listed})"
         )
+    raise ValueError(
+        "resu.compile: no managed weight can be found: no trainable floating-point parameter "
+        "with 2+ dims passes the include / exclude filter (LoRA adapters and frozen weights "
+        "count only when include= names them)"
+    )

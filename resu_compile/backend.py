@@ -19,7 +19,7 @@ import torch.fx as fx
 from resu_compile.config import ResuConfig
 from resu_compile.passes.match import WeightCandidate, find_weight_candidates
 from resu_compile.passes.rewrite import VariantSpec, build_variant
-from resu_compile.passes.select import skip_reason
+from resu_compile.passes.select import is_lora_name, lora_adapter_ids, skip_reason
 from resu_compile.runtime.controller import PhaseController
 from resu_compile.state import ManagedWeight
 
@@ -64,17 +64,78 @@ def inner_compiler(name: str) -> Callable[[fx.GraphModule, list[Any]], Callable[
     return lambda gm, example_inputs: gm.forward
 
 
-def source_name(source: Any) -> str | None:
-    """Dotted parameter name (``layers.0.weight``) from a Dynamo source chain."""
-    parts: list[str] = []
-    while source is not None and hasattr(source, "base"):
-        member = getattr(source, "member", None)
-        index = getattr(source, "index", None)
-        part = member if member is not None else index
-        if part is not None and part not in ("_modules", "_parameters", "_buffers"):
+_CONTAINERS = ("_modules", "_parameters", "_buffers")
+
+
+def _chain(source: Any) -> list[Any]:
+    """The sources from the frame's local (first) to ``source`` (last)."""
+    chain = []
+    while source is not None:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    return chain[::-1]
+
+
+def _step(value: Any, source: Any) -> Any:
+    """The object ``source`` names, given the object its base names."""
+    member = getattr(source, "member", None)
+    if member is not None:
+        return getattr(value, member)
+    index = getattr(source, "index", None)
+    if index is not None:
+        return value[index]
+    return value  # a wrapper source (NNModuleSource, ...) names its base's object
+
+
+def _resolve(source: Any, f_locals: dict[str, Any]) -> tuple[torch.nn.Module | None, int]:
+    """The outermost module on ``source``'s chain, evaluated from the frame's locals, and the
+    chain position just past it (the local itself when nothing resolves).
+
+    A ``forward`` wrapped by a ``*args, **kwargs`` decorator (transformers' ``deprecate_kwarg``)
+    is traced as the wrapper's frame, so the module is ``args[0]``, not a local of its own.
+    """
+    chain = _chain(source)
+    local = getattr(chain[0], "local_name", None) if chain else None
+    if local is None or local not in f_locals:
+        return None, 1
+    value = f_locals[local]
+    for position in range(1, len(chain) + 1):
+        if isinstance(value, torch.nn.Module):
+            return value, position
+        if position == len(chain):
+            break
+        try:
+            value = _step(value, chain[position])
+        except Exception:  # a source kind this walk does not know: no module found on it
+            break
+    return None, 1
+
+
+def _frame_locals() -> dict[str, Any]:
+    """Locals of the frame Dynamo is tracing (empty outside a Dynamo trace)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return dict(InstructionTranslator.current_tx().f_locals)
+    except Exception:
+        return {}
+
+
+def source_name(source: Any, f_locals: dict[str, Any] | None = None) -> str | None:
+    """Dotted parameter name (``layers.0.weight``) from a Dynamo source chain.
+
+    With the traced frame's ``f_locals`` the name starts at the outermost module on the chain
+    (``lm_head.weight`` for ``args[0].lm_head.weight``); without them, at the frame's local.
+    """
+    chain = _chain(source)
+    _, start = _resolve(source, f_locals or {})
+    parts = []
+    for link in chain[start:]:
+        member = getattr(link, "member", None)
+        part = member if member is not None else getattr(link, "index", None)
+        if part is not None and part not in _CONTAINERS:
             parts.append(str(part))
-        source = source.base
-    return ".".join(reversed(parts)) or None
+    return ".".join(parts) or None
 
 
 # The variants a graph can run, by the name PhaseController.graph_variant() returns.
@@ -105,7 +166,7 @@ class GraphDispatcher:
         self._inner = inner_compiler(controller.config.compiler)
         self._slots = managed
         self._placeholders = [candidate.placeholder for _, candidate, _ in managed]
-        self._uses = [use for _, candidate, _ in managed for use in candidate.linear_uses]
+        self._uses = [use for _, candidate, _ in managed for use in candidate.graph_uses]
         self._bindings: dict[int, tuple[PhaseController, list[ManagedWeight]]] = {}
         if managed:
             self._bindings[id(example_inputs[managed[0][0]])] = (
@@ -180,6 +241,25 @@ def _owner_of(param: torch.Tensor) -> PhaseController | None:
     return None
 
 
+def _holder_of(params: list[torch.nn.Parameter]) -> PhaseController | None:
+    """The live controller that manages one of ``params`` or whose module holds one (a graph
+    traced in a submodule's frame, after a graph break there, belongs to the whole model)."""
+    for param in params:
+        controller = _owner_of(param)
+        if controller is not None:
+            return controller
+    wanted = {id(p) for p in params}
+    for module, controller in list(_BY_MODULE.items()):
+        if any(id(p) in wanted for p in module.parameters()):
+            return controller
+    return None
+
+
+def _module_of(controller: PhaseController) -> torch.nn.Module | None:
+    """The module ``controller`` was created for, if it is still alive."""
+    return next((m for m, c in list(_BY_MODULE.items()) if c is controller), None)
+
+
 def _new_controller(config: ResuConfig, module: torch.nn.Module | None = None) -> PhaseController:
     names = {id(p): n for n, p in module.named_parameters()} if module is not None else None
     controller = PhaseController(config, names, module)
@@ -193,11 +273,15 @@ def compile_graph(
     """Match, register and rewrite one Dynamo graph for ``controller``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index_of = {id(node): i for i, node in enumerate(placeholders)}
+    f_locals = _frame_locals()
+    module = _module_of(controller)
+    adapters = lora_adapter_ids(module) if module is not None else None
     managed = []
     for candidate in find_weight_candidates(gm, example_inputs):
-        fallback = source_name(getattr(candidate.placeholder, "_dynamo_source", None))
+        fallback = source_name(getattr(candidate.placeholder, "_dynamo_source", None), f_locals)
         name = controller.name_of(candidate.param, fallback or candidate.placeholder.name)
-        reason = skip_reason(candidate, name, controller.config)
+        lora = id(candidate.param) in adapters if adapters is not None else is_lora_name(name)
+        reason = skip_reason(candidate, name, controller.config, lora)
         if reason is not None:
             # A weight managed from an earlier graph stays managed but is not rewritten here, so
             # this graph's gradient contribution is not masked: the optimizer step masks it.
@@ -207,7 +291,7 @@ def compile_graph(
             controller.state.skip(name, candidate.param, reason)
             continue
         weight = controller.state.register(candidate.param, name)
-        weight.ops = sorted(set(weight.ops) | set(candidate.matmul_ops))
+        weight.ops = sorted(set(weight.ops) | set(candidate.weight_ops))
         if weight.input_dim is None:
             weight.input_dim = candidate.input_dim
         managed.append((index_of[id(candidate.placeholder)], candidate, weight))
@@ -231,11 +315,7 @@ def resu_backend(
     root = _root_module(gm)
     controller = _BY_MODULE.get(root) if root is not None else None
     if controller is None:
-        for value in example_inputs:
-            if isinstance(value, torch.nn.Parameter):
-                controller = _owner_of(value)
-                if controller is not None:
-                    break
+        controller = _holder_of([v for v in example_inputs if isinstance(v, torch.nn.Parameter)])
     if controller is None:
         controller = _new_controller(ResuConfig.from_options(options), root)
     return compile_graph(controller, gm, example_inputs)
@@ -243,20 +323,13 @@ def resu_backend(
 
 def _root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
     """The module whose forward Dynamo is tracing (the graph's parameters hang off it)."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return None
+    f_locals = _frame_locals()
     for node in gm.graph.nodes:
         source = getattr(node, "_dynamo_source", None)
-        while source is not None and hasattr(source, "base"):
-            source = source.base
-        local = getattr(source, "local_name", None)
-        value = tx.f_locals.get(local) if local is not None else None
-        if isinstance(value, torch.nn.Module):
-            return value
+        if node.op == "placeholder" and source is not None:
+            root, _ = _resolve(source, f_locals)
+            if root is not None:
+                return root
     return None
 
 

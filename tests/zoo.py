@@ -5,9 +5,10 @@ model's output, and the set of parameters the pass must manage. The rule for ``e
 a parameter is managed iff it is a floating-point ``nn.Parameter`` with ``requires_grad``, has at
 least 2 dims, and *every* use of it in ``forward`` is as the weight operand of a matmul-like op
 (``F.linear``, ``@``, ``matmul``, ``mm``, ``addmm``, ``bmm``, ``einsum``), possibly through
-``.t()``/``.T``/``.mT``/``transpose(-1, -2)``/``.to(dtype)``/``.contiguous()``. Convolution kernels,
-embeddings (including a weight tied between an embedding and an lm_head), positional tables and
-1-D parameters are not managed. Names are as in ``model.named_parameters()`` (the first name of a
+``.t()``/``.T``/``.mT``/``transpose(-1, -2)``/``.to(dtype)``/``.contiguous()``, or as the kernel
+of a convolution (``F.conv1d/2d/3d``, grouped and depthwise included). Embeddings (including a
+weight tied between an embedding and an lm_head), positional tables and 1-D parameters are not
+managed. Names are as in ``model.named_parameters()`` (the first name of a
 tied parameter).
 
 The entries are chosen to cover what breaks graph-level passes: graph breaks, data-dependent
@@ -94,8 +95,7 @@ def _mlp_batch(seed: int) -> Batch:
 
 
 class CNN(nn.Module):
-    """Convolutions (not managed: their weights are 4-D kernels of a conv, not matmul operands)
-    feeding a Linear head (managed)."""
+    """Two convolutions feeding a Linear head: the kernels and the head weights are managed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -322,7 +322,48 @@ class FunctionalMatmul(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# 8. hf_tiny
+# 8. convnet
+# --------------------------------------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    """Every convolution kind a CNN holds: a reflect-padded stem (``F.pad`` then ``conv2d``) with
+    BatchNorm, a grouped conv, a depthwise + pointwise pair, a ``conv1d`` over the flattened
+    pixels, a ``conv3d`` over a one-frame volume and a Linear head. Every kernel is managed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect", bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = nn.Conv2d(8, 8, 1, bias=False)
+        self.temporal = nn.Conv1d(8, 8, 3, padding=1)
+        self.volume = nn.Conv3d(8, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.stem(x)))
+        h = F.relu(self.grouped(h))
+        h = F.relu(self.pointwise(self.depthwise(h)))
+        b, c, height, width = h.shape
+        t = F.relu(self.temporal(h.flatten(2)))
+        v = self.volume(t.view(b, c, 1, height, width)).squeeze(2)
+        return self.head(F.avg_pool2d(v, 2).flatten(1))
+
+
+def _image_batch(seed: int) -> Batch:
+    return (torch.randn(2, 3, 8, 8, generator=_generator(seed)),)
+
+
+_CONVNET_MANAGED = frozenset(
+    f"{m}.weight"
+    for m in ("stem", "grouped", "depthwise", "pointwise", "temporal", "volume", "head")
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. hf_tiny
 # --------------------------------------------------------------------------------------------------
 
 _GPT2_LAYERS = 2
@@ -370,7 +411,11 @@ ZOO: list[ZooEntry] = [
         frozenset({"fc1.weight", "fc2.weight", "fc3.weight"}),
     ),
     ZooEntry(
-        "cnn", _seeded(CNN), _cnn_batch, _mean_square, frozenset({"fc1.weight", "fc2.weight"})
+        "cnn",
+        _seeded(CNN),
+        _cnn_batch,
+        _mean_square,
+        frozenset({"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}),
     ),
     ZooEntry(
         "transformer", _seeded(TinyTransformer), _token_batch, _mean_square, _transformer_managed()
@@ -403,6 +448,7 @@ ZOO: list[ZooEntry] = [
         _mean_square,
         frozenset({"w", "v", "u", "b3"}),
     ),
+    ZooEntry("convnet", _seeded(ConvNet), _image_batch, _mean_square, _CONVNET_MANAGED),
     ZooEntry(
         "hf_tiny",
         _seeded(_build_hf_tiny),

@@ -37,7 +37,9 @@ def prune_scores(
     - ``magnitude``: ``|W|``.
     - ``wanda``: ``|W_ij| * ||X_j||_2`` with ``input_norms`` the 1-D vector of input-feature norms
       and ``input_dim`` the input dim of ``weight`` (1 for ``nn.Linear`` (out, in), 0 for GPT-2
-      ``Conv1D`` (in, out)). Compare within each output row: ``prune_mask(..., per_row=True)``.
+      ``Conv1D`` (in, out), 1 for a convolution kernel (out, in, *kernel), whose ``||X_j||`` is
+      the norm of input channel ``j`` over every position, the same for every kernel tap).
+      Compare within each output row: ``prune_mask(..., per_row=True)``.
     - ``random``: uniform scores in ``[0, 1)`` drawn from ``generator`` (required).
     """
     if criterion == "magnitude":
@@ -189,7 +191,8 @@ def layer_keep_counts(
     - ``global``: one threshold over all layers' ``scores``: the top ``int((1 - s) * sum N)``
       scores overall stay (among ``eligible``, if given; ties by layer order, then index).
     - ``erk``: Erdos-Renyi-Kernel (RigL ``get_sparsities``, power scale 1): a layer's density is
-      ``eps * sum(shape) / prod(shape)``; layers whose density would exceed 1 are made dense (the
+      ``eps * sum(shape) / prod(shape)``, over (out, in, *kernel) for a convolution kernel and
+      ``(out + in) / (out * in)`` for a 2-D weight; layers whose density would exceed 1 are made dense (the
       largest raw density first, one level per round) and ``eps`` is solved again for the rest.
       The real-valued counts are floored and the remainder handed out one each by largest
       fractional part, ties by lower layer index, so the counts sum to exactly
@@ -273,6 +276,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.T
     """Bool N:M mask: the top ``n`` of every ``m`` consecutive inputs (along ``input_dim``).
 
     Groups are ``[0, m), [m, 2m), ...`` of the input dim within each row; ties by lower index.
+    For a convolution kernel (out, in, *kernel) with ``input_dim=1`` a group is ``m`` consecutive
+    input channels at one kernel position of one output channel (the layout of the implicit GEMM
+    with channels last, as NVIDIA's ASP prunes convolutions for sparse tensor cores).
     """
     dim = _check_dim(scores, input_dim, "input_dim")
     if m <= 0 or n < 0 or n > m:

@@ -5,7 +5,8 @@ Variants differ only in what sits between a managed weight and its consumers:
 - ``dense``: nothing (in-place storage: the weight already is ``W_eff``);
 - ``sparse``: ``mask_gradient(W, bits)`` so the weight gradient is 0 on the pruned set, fused by
   Inductor into the kernel that already writes that gradient;
-- ``calibrate``: the input-column norms of every linear use are accumulated into a buffer.
+- ``calibrate``: the input-column norms of every linear use (the input-channel norms of every
+  ungrouped convolution) are accumulated into a buffer.
 
 Dynamo's own ``GraphModule`` is never mutated (doing so later fails with ``KeyError: grapharg``):
 each variant is a fresh graph copied node by node, with the Dynamo metadata carried over. Extra
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from resu_compile.kernels.graph_ops import accumulate_input_sq_norms, mask_gradient
-from resu_compile.passes.match import LinearUse
+from resu_compile.passes.match import ConvUse, LinearUse
 
 _DYNAMO_ATTRS = ("_param_name_to_source",)
 
@@ -46,9 +48,13 @@ class VariantSpec:
 
 
 def build_variant(
-    gm: fx.GraphModule, weights: list[fx.Node], linear_uses: list[LinearUse], spec: VariantSpec
+    gm: fx.GraphModule,
+    weights: list[fx.Node],
+    uses: list[LinearUse | ConvUse],
+    spec: VariantSpec,
 ) -> fx.GraphModule:
-    """A copy of ``gm`` rewritten for ``spec``; ``weights`` are the managed weights' placeholders."""
+    """A copy of ``gm`` rewritten for ``spec``; ``weights`` are the managed weights' placeholders
+    and ``uses`` their linear and convolution uses."""
     graph = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, node_map))
@@ -59,12 +65,13 @@ def build_variant(
     extra = _add_inputs(graph, len(weights), spec.extra_inputs)
     slot_of = {id(node): i for i, node in enumerate(weights)}
     if spec.record_norms:
-        for use in linear_uses:
+        for use in uses:
             slot = slot_of[id(_weight_placeholder(use.weight_expr))]
             with graph.inserting_before(node_map[use.node]):
-                graph.call_function(
-                    accumulate_input_sq_norms, (node_map[use.x], extra["sq_norms"][slot])
-                )
+                features = node_map[use.x]
+                if isinstance(use, ConvUse):  # input channels last, as for a linear input
+                    features = graph.call_function(torch.movedim, (features, use.channel_dim, -1))
+                graph.call_function(accumulate_input_sq_norms, (features, extra["sq_norms"][slot]))
     if spec.mask_gradients:
         last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
         for slot, placeholder in enumerate(weights):

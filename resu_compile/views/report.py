@@ -10,6 +10,7 @@ from resu_compile.state import StateManager
 def render_report(header: str, state: StateManager, totals: str | None) -> str:
     """Managed weights, skipped candidates and the schedule's model totals (``totals``, already
     rendered, or None before the first transition), as plain-text tables under ``header``."""
+    skipped = [[s.name, "x".join(map(str, s.shape)), s.reason] for s in state.skipped()]
     managed = [
         [
             w.name,
@@ -27,9 +28,10 @@ def render_report(header: str, state: StateManager, totals: str | None) -> str:
             managed, headers=["name", "shape", "ops", "sparsity", "active"], disable_numparse=True
         )
         if managed
+        else "  (none: every weight seen was skipped, reasons below)"
+        if skipped
         else "  (none yet: run a forward pass)",
     ]
-    skipped = [[s.name, "x".join(map(str, s.shape)), s.reason] for s in state.skipped()]
     if skipped:
         parts += ["Skipped candidates:", tabulate(skipped, headers=["name", "shape", "reason"])]
     if totals is not None:
