@@ -132,11 +132,6 @@ def test_adapters_train_over_pruned_frozen_bases_that_never_move(build) -> None:
     assert all(not torch.equal(params[n], before) for n, before in adapters_before.items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the optimizer bridge requires every managed weight in the optimizer; a frozen one "
-    "is not there under the usual PEFT set-up (optimizer over the trainable parameters)",
-)
 def test_frozen_base_weights_need_not_be_in_the_optimizer() -> None:
     model = LoraMLP()
     compiled = resu.compile(model, **OPTIONS, include="*base_layer.weight")
@@ -145,12 +140,6 @@ def test_frozen_base_weights_need_not_be_in_the_optimizer() -> None:
     compiled.resu.step(optimizer)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RESU entry draws theta into a frozen managed weight's pruned slots, which never "
-    "train, and the commit brings those random values back: transitions must leave frozen "
-    "weights out of RESU entry and keep their mask at commit",
-)
 def test_a_resu_cycle_leaves_a_frozen_base_weight_as_pruned() -> None:
     model = LoraMLP()
     compiled = resu.compile(model, **OPTIONS, include="*base_layer.weight")

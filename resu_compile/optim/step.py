@@ -150,7 +150,9 @@ class ManagedStep:
         if key == self._validated:
             return
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        missing = [w.name for w in weights if id(w.param) not in groups]
+        # A frozen weight (managed because ``include`` names it) is never stepped: it need not be
+        # in the optimizer, as under PEFT's usual set-up (an optimizer over the trainable ones).
+        missing = [w.name for w in weights if w.param.requires_grad and id(w.param) not in groups]
         if missing:
             raise ValueError(
                 f"step(): the optimizer does not hold managed weight(s) {missing}; pass an "

@@ -384,7 +384,7 @@ class PhaseController:
         self._record("rigl", fraction=fraction, layers=layers)
 
     def _enter_resu(self) -> None:
-        selected = enter_resu_weights(self._context(), list(self.state))
+        selected = enter_resu_weights(self._context(), self._trainable())
         self.resu_steps = 0
         self.phase = Phase.RESU
         self._record("resu", layers=selected)
@@ -394,9 +394,14 @@ class PhaseController:
         budget = amnesty_budget(
             min(self.cycle, config.cycles - 1), config.cycles, config.r_start, config.r_end
         )
-        layers = commit_weights(self._context(), list(self.state), budget, self.target_sparsity)
+        layers = commit_weights(self._context(), self._trainable(), budget, self.target_sparsity)
         self._record("commit", budget=budget, layers=layers)
         self._end_cycle()
+
+    def _trainable(self) -> list[ManagedWeight]:
+        """The managed weights that train. A frozen one (selected by ``include``) is pruned like
+        the others but takes no theta: its mask stays as pruned until the next prune."""
+        return [w for w in self.state if w.param.requires_grad]
 
     def _record(self, event: str, **data: Any) -> None:
         self.history.append({"event": event, "cycle": self.cycle, "step": self.step_count, **data})

@@ -173,6 +173,8 @@ def enter_resu_weights(ctx: TransitionContext, weights: list[ManagedWeight]) -> 
     drawn once per weight from its own generator; ``all`` / ``consistency``: all of P), sigma_A and
     theta by :mod:`resu_compile.kernels.theta_entry`.
     """
+    if not weights:
+        return {}
     config = ctx.config
     for weight in weights:
         weight.theta_buffers.clear()
@@ -220,6 +222,8 @@ def commit_weights(
     and the bookkeeping (resurrected set, state to restart, survival counts) as one
     :func:`commit_bits` pass; the counts reach the host in one transfer.
     """
+    if not weights:
+        return {}
     config = ctx.config
     old_bits = [w.mask_bits_or_all_active() for w in weights]
     active_counts = [w.active_count() for w in weights]
