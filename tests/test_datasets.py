@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from resu_compile import datasets
-from resu_compile.datasets import (
+from resu_examples import datasets
+from resu_examples.datasets import (
     FASHION_MNIST_FILES,
     find_fashion_mnist,
     find_kjv,

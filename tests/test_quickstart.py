@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resu_compile import datasets, quickstart
+from resu_examples import datasets, quickstart
 
 SPARSITY = 0.7
 CYCLES = 3

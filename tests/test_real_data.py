@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from resu_compile import datasets, quickstart
+from resu_examples import datasets, quickstart
 from tests.conftest import SHARED_FASHION_MNIST
 
 SPARSITY = 0.7
