@@ -230,9 +230,6 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def running_loss(self) -> float:
-        return self._loss / max(1, self._seen)
-
     def line(self, step: int, total: int, what: str) -> None:
         """Print ``what`` with the step, the running loss and batch accuracy, then reset them."""
         seen = max(1, self._seen)
@@ -269,8 +266,8 @@ def _sparsity(controller: resu.PhaseController) -> float:
     return 1.0 - sum(int(m.sum()) for m in masks) / total if total else 0.0
 
 
-def _event_text(controller: resu.PhaseController, before: str, events: list[dict]) -> str:
-    """``cycle c: old -> new (prune to s)``: the transitions one step ran, for a progress line."""
+def _event_text(controller: resu.PhaseController, before: str, events: list[dict[str, Any]]) -> str:
+    """``cycle c: old -> new (events), sparsity s``: what one step's transitions did."""
     names = ", ".join(entry["event"] for entry in events)
     cycle = events[0].get("cycle", "?") if events else "?"
     return (
@@ -297,10 +294,12 @@ def train(
     progress = Progress(label, settings.steps)
     curve_every = max(1, settings.steps // 100)
     batches = minibatches(len(data.train_y), settings.batch_size, settings.steps, settings.seed)
+    first = "the first step captures and compiles the model" if controller else "eager"
+    print(f"{label:>5} training {settings.steps} steps ({first})", flush=True)
     try:
         for step, idx in enumerate(batches, start=1):
             phase = controller.phase.value if controller is not None else "dense"
-            events = len(controller.history) if controller is not None else 0
+            seen_events = len(controller.history) if controller is not None else 0
             start = time.perf_counter()
             logits = model(data.train_x[idx])
             loss = torch.nn.functional.cross_entropy(logits, data.train_y[idx])
@@ -319,7 +318,7 @@ def train(
             if step % curve_every == 0:
                 log.curve.append((step, loss.item()))
             if controller is not None and controller.phase.value != phase:
-                new_events = controller.history[events:]
+                new_events = controller.history[seen_events:]
                 progress.line(step, settings.steps, _event_text(controller, phase, new_events))
             elif controller is None and step % settings.steps_per_cycle == 0:
                 progress.line(step, settings.steps, "dense")
