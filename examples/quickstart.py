@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from resu_examples import datasets, plot_history
-from resu_examples.datasets import ImageData
 from tabulate import tabulate
 
 import resu_compile as resu
 from resu_compile import telemetry
 from resu_compile.method.pruning import prune_mask
 from resu_compile.telemetry import TOTAL
+from resu_examples import datasets, plot_history
+from resu_examples.datasets import ImageData
 
 T = TypeVar("T")
 

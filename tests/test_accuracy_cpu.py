@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 
 import pytest
-from resu_examples import datasets
 
 from benchmarks import accuracy
 from benchmarks.accuracy_tasks import TASKS
+from resu_examples import datasets
 from tests.conftest import SHARED_FASHION_MNIST
 
 SPARSITY = 0.9

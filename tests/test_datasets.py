@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from resu_examples import datasets
 from resu_examples.datasets import (
     FASHION_MNIST_FILES,

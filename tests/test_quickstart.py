@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from resu_examples import datasets, quickstart
 
 SPARSITY = 0.7

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from resu_examples import datasets, quickstart
 
+from resu_examples import datasets, quickstart
 from tests.conftest import SHARED_FASHION_MNIST
 
 SPARSITY = 0.7
