@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.models import GPT, TransformerSize, ViT
-from resu_compile import datasets
-from resu_compile.datasets import ImageData
+from resu_examples import datasets
+from resu_examples.datasets import ImageData
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import accuracy
 from benchmarks.accuracy_tasks import TASKS
-from resu_compile import datasets
+from resu_examples import datasets
 from tests.conftest import SHARED_FASHION_MNIST
 
 SPARSITY = 0.9

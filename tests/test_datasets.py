@@ -1,4 +1,4 @@
-"""Tests for :mod:`resu_compile.datasets`: idx parsing, search order, fallback split, real files."""
+"""Tests for :mod:`resu_examples.datasets`: idx parsing, search order, fallback split, real files."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from resu_compile import datasets
-from resu_compile.datasets import (
+from resu_examples import datasets
+from resu_examples.datasets import (
     FASHION_MNIST_FILES,
     find_fashion_mnist,
     find_kjv,
@@ -200,7 +200,9 @@ def test_load_image_data_prefers_fashion_mnist(
 ) -> None:
     _fake_fashion_mnist(tmp_path / "fashion-mnist")
     monkeypatch.setenv(datasets.DATA_ENV_VAR, str(tmp_path))
-    assert load_image_data().name == "fashion-mnist"
+    data = load_image_data()
+    assert data.name == "fashion-mnist"
+    assert data.source == str(tmp_path / "fashion-mnist")  # where it was found, for the printout
 
 
 # --- digits fallback -------------------------------------------------------------------------------
@@ -211,6 +213,9 @@ def test_load_image_data_falls_back_to_digits() -> None:
     pytest.importorskip("sklearn")
     data = load_image_data()
     assert data.name == "digits"
+    # The printout says it is the fallback, and where Fashion-MNIST was looked for.
+    assert "digits" in data.source and datasets.DATA_ENV_VAR in data.source
+    assert str(datasets.SYSTEM_FASHION_MNIST_DIR) in data.source
 
 
 def test_load_digits_split() -> None:

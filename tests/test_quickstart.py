@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from resu_compile import datasets, quickstart
+from resu_examples import datasets, quickstart
 
 SPARSITY = 0.7
 CYCLES = 3
@@ -36,6 +38,27 @@ def test_main_on_digits_writes_consistent_json(
     printed = capsys.readouterr().out
     assert "digits" in printed and "test accuracy" in printed and "Managed weights" in printed
     results = json.loads(out.read_text())
+
+    # Progress as it goes: a line per phase change of the RESU run (prune, RESU entry and commit
+    # in every cycle), a line per cycle of the dense one.
+    assert len(re.findall(r"RESU step +\d+/\d+ +cycle \d: ", printed)) == 3 * CYCLES
+    assert len(re.findall(r"dense step +\d+/\d+ +dense +loss", printed)) == CYCLES
+    assert printed.count("(commit)") == CYCLES
+
+    # The per-cycle totals appear once, in one table; the cost of RESU is measured and explained.
+    assert printed.count("Model totals, one row per commit:") == 1
+    assert "budget used" not in printed
+    assert "Why RESU costs more here" in printed
+    phases = {row["phase"]: row for row in results["phases"]}
+    assert set(phases) >= {"train", "stabilize", "resu", "all"}
+    assert phases["all"]["steps"] == CYCLES * 20
+    assert sum(row["steps"] for name, row in phases.items() if name != "all") == CYCLES * 20
+    for row in phases.values():
+        assert row["ratio"] == pytest.approx(row["resu_seconds"] / row["dense_seconds"])
+    assert results["seconds"]["resu"] == pytest.approx(phases["all"]["resu_seconds"])
+    assert [step for step, _ in results["curves"]["resu"]] == [
+        step for step, _ in results["curves"]["dense"]
+    ]
     assert results["dataset"] == "digits"
     assert results["settings"]["steps"] == CYCLES * 20
 
@@ -52,6 +75,7 @@ def test_main_on_digits_writes_consistent_json(
     for c in cycles:
         assert c["target"] == pytest.approx(SPARSITY * (c["cycle"] + 1) / CYCLES)
         assert c["resurrected"] > 0, c
+        assert c["reserved"] >= c["resurrected"] >= c["resurrected_trained"], c
 
     accuracy = results["accuracy"]
     assert set(accuracy) == {"dense", "pruned_no_recovery", "resu"}
@@ -83,6 +107,24 @@ def test_build_mlp_and_batches_are_seeded() -> None:
     assert len(batches) == 5 and all(len(b) == 4 for b in batches)
     again = list(quickstart.minibatches(10, 4, steps=5, seed=1))
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+@pytest.mark.usefixtures("digits_only")
+def test_plot_writes_the_figure(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figure.png"
+    assert quickstart.main(["--cycles", "1", "--steps-per-cycle", "10", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.usefixtures("digits_only")
+def test_plot_without_matplotlib_fails_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="matplotlib"):
+        quickstart.main(["--plot", str(tmp_path / "figure.png")])
+    assert "AdamW steps" not in capsys.readouterr().out
 
 
 @pytest.mark.usefixtures("digits_only")

@@ -137,9 +137,41 @@ def _row(rows: list[dict], cycle: int, layer: str) -> dict:
     return row
 
 
-def _table_rows(table: str) -> list[list[str]]:
-    lines = [line for line in table.splitlines() if line.startswith("|")][2:]  # header, rule
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """Every markdown table of ``text`` by the title line above it, as rows keyed by header."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            title = lines[i - 1] if i else ""
+            end = next((j for j, row in enumerate(lines[i:]) if not row.startswith("|")), None)
+            block = lines[i : i + end] if end is not None else lines[i:]
+            header = _cells(block[0])
+            tables[title] = [dict(zip(header, _cells(row), strict=True)) for row in block[2:]]
+    return tables
+
+
+def _legend(text: str) -> dict[str, str]:
+    """The lines ``- header: meaning`` under the tables, joined with their continuation lines."""
+    legend: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("- "):
+            current, _, meaning = line[2:].partition(": ")
+            legend[current] = meaning
+        elif line.startswith("  ") and current is not None:
+            legend[current] += " " + line.strip()
+        else:
+            current = None
+    return legend
+
+
+TOTALS = "Model totals, one row per commit:"
+LAYERS = "Per layer, one row per layer and commit:"
 
 
 def test_cycle_rows_per_layer_values() -> None:
@@ -156,8 +188,7 @@ def test_cycle_rows_per_layer_values() -> None:
     assert a1["churn"] == 12
     assert a1["survivors"] == 7
     assert a1["budget"] == 0.2
-    assert a1["budget_used"] == pytest.approx(6 / 12)
-    assert _row(rows, 0, "b")["budget_used"] == pytest.approx(30 / 45)
+    assert (a1["reserved"], a1["pruned_before"], a1["resurrected_trained"]) == (12, 60, 6)
 
 
 def test_cycle_rows_totals_weight_by_counts_and_sizes() -> None:
@@ -168,7 +199,7 @@ def test_cycle_rows_totals_weight_by_counts_and_sizes() -> None:
     assert (t0["resurrected"], t0["churn"], t0["survivors"]) == (40, 80, 0)
     assert t0["resurrected_trained"] == 38
     assert t0["resurrection_rate"] == pytest.approx(40 / 200)
-    assert t0["budget_used"] == pytest.approx(40 / 60)
+    assert t0["reserved"] == 60
     assert t0["budget"] == 0.3
 
     t1 = _row(sized, 1, TOTAL)
@@ -176,7 +207,6 @@ def test_cycle_rows_totals_weight_by_counts_and_sizes() -> None:
     assert (t1["reserved"], t1["pruned_before"]) == (48, 300)
     # Weighted by pruned_before (60 and 240), not the mean of the rates (0.075).
     assert t1["resurrection_rate"] == pytest.approx(18 / 300)
-    assert t1["budget_used"] == pytest.approx(18 / 48)
     # Size-weighted: (0.6 * 100 + 0.8 * 300) / 400; unweighted mean without sizes.
     assert t1["sparsity"] == pytest.approx(0.75)
     assert t1["sparsity_weighting"] == "size"
@@ -191,13 +221,12 @@ def test_missing_keys_are_unknown_not_zero() -> None:
     assert b2["survivors"] is None
     assert b2["reserved"] is None
     assert b2["pruned_before"] is None
-    assert b2["budget_used"] is None
     assert b2["resurrected"] == 9
     total = _row(rows, 2, TOTAL)
     assert (total["resurrected"], total["churn"]) == (12, 24)
     assert total["survivors"] is None  # a partial sum (9) would understate it
     assert total["resurrection_rate"] is None
-    assert total["budget_used"] is None
+    assert total["reserved"] is None
     assert total["sparsity"] == pytest.approx((0.7 * 100 + 0.9 * 300) / 400)
     # Only layer "a" has a size: the total falls back to the unweighted mean.
     partial = _row(cycle_rows(RESU_HISTORY, layer_sizes={"a": 100}), 2, TOTAL)
@@ -217,45 +246,60 @@ def test_malformed_and_sparse_entries_never_crash() -> None:
     rows = cycle_rows(history)
     assert [r["layer"] for r in rows] == ["a", "b", TOTAL, "a", TOTAL]
     assert all(r[k] is None for r in rows[:3] for k in ("sparsity", "resurrected", "churn"))
-    assert rows[3]["budget_used"] is None  # nothing reserved: no fraction of it was used
-    table = _table_rows(render_history(history))
-    assert len(table) == 5
-    assert table[0][3:] == ["-"] * 7
-    totals = _table_rows(render_history(history, totals_only=True))
-    assert [row[2] for row in totals] == [TOTAL, TOTAL]
+    assert rows[3]["reserved"] == 0
+    tables = _tables(render_history(history))
+    assert len(tables[TOTALS]) == 2 and len(tables[LAYERS]) == 3
+    first = tables[LAYERS][0]
+    assert (first.pop("cycle"), first.pop("layer")) == ("0", "a")
+    assert set(first.values()) == {"-"}
+    assert set(_tables(render_history(history, totals_only=True))) == {TOTALS}
     summary_rows(history)
     sparsity_by_cycle(history)
     counts_by_cycle(history)
     assert render_history([]) == "(no history yet)"
 
 
-def test_render_history_commit_table() -> None:
-    table = render_history(RESU_HISTORY, layer_sizes=SIZES)
-    header = table.splitlines()[0]
-    for column in (
-        "cycle",
-        "layer",
-        "target",
-        "sparsity",
-        "resurrected",
-        "resurrection rate",
-        "churn",
-        "survivors",
-        "budget used",
-    ):
-        assert column in header
-    rows = _table_rows(table)
-    assert len(rows) == 9
-    assert rows[4] == ["1", "20", "b", "0.7000", "0.8000", "12", "0.0500", "24", "20", "0.3333"]
-    assert rows[5] == ["1", "20", TOTAL, "0.7000", "0.7500", "18", "0.0600", "36", "27", "0.3750"]
-    assert rows[7][-4:] == ["0.0333", "18", "-", "-"]  # cycle 2, layer b: older format
-    assert "unweighted mean" not in table
+def _shown(value: float | int | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
-    unsized = render_history(RESU_HISTORY)
-    assert "unweighted mean" in unsized
-    totals = _table_rows(render_history(RESU_HISTORY, totals_only=True))
-    assert [row[2] for row in totals] == [TOTAL] * 3
-    assert [row[5] for row in totals] == ["40", "18", "12"]
+
+def test_render_history_one_table_per_subject_each_column_explained_once() -> None:
+    text = render_history(RESU_HISTORY, layer_sizes=SIZES)
+    tables = _tables(text)
+    assert set(tables) == {TOTALS, LAYERS}
+    rows = cycle_rows(RESU_HISTORY, layer_sizes=SIZES)
+    totals = [r for r in rows if r["layer"] == TOTAL]
+    layers = [r for r in rows if r["layer"] != TOTAL]
+    assert len(tables[TOTALS]) == len(totals) == 3
+    assert len(tables[LAYERS]) == len(layers) == 6
+    for shown, row in zip(tables[TOTALS], totals, strict=True):
+        assert shown["cycle"] == str(row["cycle"]) and shown["step"] == str(row["step"])
+        assert shown["budget"] == _shown(row["budget"], ".4f")
+        assert shown["sparsity"] == _shown(row["sparsity"], ".4f")
+        assert shown["resurrected"] == _shown(row["resurrected"], "d")
+        assert shown["trained"] == _shown(row["resurrected_trained"], "d")
+        assert shown["reserved"] == _shown(row["reserved"], "d")
+        assert shown["resurrection rate"] == _shown(row["resurrection_rate"], ".4f")
+        assert shown["survivors"] == _shown(row["survivors"], "d")
+    for shown, row in zip(tables[LAYERS], layers, strict=True):
+        assert (shown["cycle"], shown["layer"]) == (str(row["cycle"]), row["layer"])
+        assert shown["churn"] == _shown(row["churn"], "d")
+        assert shown["survivors"] == _shown(row["survivors"], "d")
+    # The commit's own numbers (step, budget) are in the totals only: no data shown twice.
+    assert "step" not in tables[LAYERS][0] and "budget" not in tables[LAYERS][0]
+    # Every header of either table is explained exactly once, in a line of its own.
+    headers = {h for table in tables.values() for h in table[0]}
+    legend = _legend(text)
+    assert set(legend) == headers
+    assert all(text.count(f"- {header}: ") == 1 for header in headers)
+    assert "budget used" not in text  # resurrected / reserved: 1.0 whenever candidates suffice
+    assert "unweighted mean" not in text
+
+    assert "unweighted mean" in render_history(RESU_HISTORY)
+    only = render_history(RESU_HISTORY, totals_only=True)
+    assert set(_tables(only)) == {TOTALS}
+    assert set(_legend(only)) == set(_tables(only)[TOTALS][0])
+    assert [row["resurrected"] for row in _tables(only)[TOTALS]] == ["40", "18", "12"]
 
 
 RIGL_HISTORY: list[dict] = [
@@ -309,9 +353,21 @@ def test_summary_rows_for_runs_without_commits() -> None:
     assert second["sparsity"] == pytest.approx((0.7 * 100 + 0.9 * 300) / 400)
     assert summary_rows(RIGL_HISTORY)[1]["sparsity"] == pytest.approx(0.8)
 
-    table = render_history(RIGL_HISTORY, layer_sizes=SIZES)
-    assert "rigl updates" in table.splitlines()[0]
-    assert _table_rows(table)[1] == ["1", "10", "2", "0.8500", "0.8500", "1", "-", "-", "no"]
+    text = render_history(RIGL_HISTORY, layer_sizes=SIZES)
+    (table,) = _tables(text).values()
+    assert [row["cycle"] for row in table] == ["0", "1"]
+    assert table[1] == {
+        "cycle": "1",
+        "step": "10",
+        "prunes": "2",
+        "target": "0.8500",
+        "sparsity": format(second["sparsity"], ".4f"),
+        "rigl updates": "1",
+        "dropped": "-",
+        "grown": "-",
+        "paused": "no",
+    }
+    assert set(_legend(text)) == set(table[0])
     assert "unweighted mean" in render_history(RIGL_HISTORY)
 
 
@@ -339,19 +395,22 @@ def test_history_from_accepts_list_or_state_dict() -> None:
 
 def test_plot_script_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from benchmarks.plot_history import main
+    from resu_examples.plot_history import main
 
-    source = tmp_path / "state.json"
-    source.write_text(json.dumps({"format": 1, "history": RESU_HISTORY}))
+    # A quickstart --json file: its curves add the training-loss panel.
+    source = tmp_path / "run.json"
+    curves = {"dense": [[1, 2.3], [2, 1.9]], "resu": [[1, 2.3], [2, 2.0]]}
+    source.write_text(json.dumps({"history": RESU_HISTORY, "curves": curves}))
     out = tmp_path / "plots" / "history.png"
     assert main([str(source), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
 
-    # As a script, from another directory, on a run without commits, default output path.
+    # As a module of the installed package, from another directory, on a run without commits,
+    # default output path.
     rigl = tmp_path / "rigl.json"
     rigl.write_text(json.dumps(RIGL_HISTORY))
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "plot_history.py"), str(rigl)],
+        [sys.executable, "-m", "resu_examples.plot_history", str(rigl)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -364,13 +423,14 @@ def test_plot_script_writes_a_png(tmp_path: Path) -> None:
 def test_plot_script_without_matplotlib_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from benchmarks.plot_history import main
+    from resu_examples.plot_history import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     source = tmp_path / "history.json"
     source.write_text(json.dumps(RESU_HISTORY))
-    with pytest.raises(SystemExit, match=r'pip install -e "\.\[plot\]"'):
+    with pytest.raises(SystemExit, match=r'pip install "resu-compile\[plot\]"'):
         main([str(source)])
+    assert not source.with_suffix(".png").exists()
 
 
 def test_render_history_of_a_real_run_has_a_row_per_layer_per_cycle() -> None:
@@ -393,12 +453,11 @@ def test_render_history_of_a_real_run_has_a_row_per_layer_per_cycle() -> None:
 
     sizes = {w.name: w.numel for w in controller.state}
     history = json.loads(json.dumps(controller.history))  # JSON-serialisable as promised
-    table = render_history(history, layer_sizes=sizes)
-    rows = _table_rows(table)
+    tables = _tables(render_history(history, layer_sizes=sizes))
     for cycle in range(cycles):
-        layers = sorted(row[2] for row in rows if row[0] == str(cycle) and row[2] != TOTAL)
+        layers = sorted(row["layer"] for row in tables[LAYERS] if row["cycle"] == str(cycle))
         assert layers == names
-        assert [row[2] for row in rows if row[0] == str(cycle)].count(TOTAL) == 1
+        assert [row["cycle"] for row in tables[TOTALS]].count(str(cycle)) == 1
 
     totals = [r for r in cycle_rows(history, sizes) if r["layer"] == TOTAL]
     assert [t["resurrected"] for t in totals] == controller.resurrected_per_cycle()

@@ -23,6 +23,7 @@ smaller true value).
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,18 +31,26 @@ from tabulate import tabulate
 
 TOTAL = "(total)"
 
-# (row key, header, format) of the commit table, in column order.
-COMMIT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+# (row key, header, format) of the model totals, one row per commit, in column order.
+TOTALS_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cycle", "cycle", "d"),
     ("step", "step", "d"),
-    ("layer", "layer", "s"),
+    ("budget", "budget", ".4f"),
     ("target", "target", ".4f"),
     ("sparsity", "sparsity", ".4f"),
+    ("reserved", "reserved", "d"),
     ("resurrected", "resurrected", "d"),
+    ("resurrected_trained", "trained", "d"),
     ("resurrection_rate", "resurrection rate", ".4f"),
     ("churn", "churn", "d"),
     ("survivors", "survivors", "d"),
-    ("budget_used", "budget used", ".4f"),
+)
+
+# The per-layer detail: the same numbers per layer; step and budget are the commit's, in the totals.
+LAYER_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("cycle", "cycle", "d"),
+    ("layer", "layer", "s"),
+    *(column for column in TOTALS_COLUMNS if column[0] not in ("cycle", "step", "budget")),
 )
 
 # (row key, header, format) of the per-cycle summary of runs without commits (GMP, RigL).
@@ -56,6 +65,30 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("grown", "grown", "d"),
     ("paused", "paused", "s"),
 )
+
+# What every header means (METHOD.md sections 5 and 6), printed once under the tables that use it.
+COLUMN_NOTES: dict[str, str] = {
+    "cycle": "schedule cycle, from 0",
+    "step": "optimizer step of the event (of the cycle's last event in a summary)",
+    "layer": "managed weight",
+    "budget": "amnesty budget r(c), the share of the kept weights reserved for pruned ones "
+    "(r_start to r_end, linear over the cycles)",
+    "target": "the schedule's sparsity s_c for the cycle",
+    "sparsity": "actual pruned fraction after the commit (size-weighted over layers in totals)",
+    "reserved": "n_R = int(r(c) * n_keep), the places reserved for pruned weights; a commit fills "
+    "fewer only when too few trained candidates remain",
+    "resurrected": "previously pruned weights active after the commit, |new A & old P|",
+    "trained": "of those, how many trained as theta in the RESU phase (the others return as zeros)",
+    "resurrection rate": "resurrected / |old P|, the share of the pruned set brought back",
+    "churn": "|new A xor old A|, weights whose state changed; each resurrected weight takes an "
+    "active one's place, so 2 x resurrected unless the commit changes the active count",
+    "survivors": "weights resurrected at earlier commits still active after this one",
+    "prunes": "prune events in the cycle",
+    "rigl updates": "RigL mask updates in the cycle",
+    "dropped": "active weights RigL removed, summed over the cycle's updates",
+    "grown": "pruned weights RigL brought back, summed over the cycle's updates",
+    "paused": "whether the schedule paused after the cycle",
+}
 
 _SPARSITY_EVENTS = ("prune", "commit", "rigl")
 
@@ -92,16 +125,13 @@ def cycle_rows(
     Row keys: ``cycle``, ``step``, ``layer``, ``target``, ``sparsity``, ``resurrected``,
     ``resurrected_trained``, ``resurrection_rate`` (resurrected / |old P|), ``churn`` (|new A xor
     old A|), ``survivors`` (weights resurrected at earlier commits still active after this one),
-    ``reserved`` (n_R, the places the amnesty tournament reserved), ``pruned_before`` (|old P|),
-    ``budget`` (the schedule's r(c)) and ``budget_used`` (resurrected / reserved: how much of the
-    reserved room resurrected weights actually took; ``None`` when nothing was reserved).
-    Unknown numbers are ``None``.
+    ``reserved`` (n_R, the places the amnesty tournament reserved), ``pruned_before`` (|old P|)
+    and ``budget`` (the schedule's r(c)). Unknown numbers are ``None``.
 
     The ``(total)`` row sums the counts over layers and weights the fractions by what they are
     fractions of, so a small layer does not count as much as a large one:
 
     - ``resurrection_rate`` = sum resurrected / sum pruned_before (needs ``pruned_before``);
-    - ``budget_used`` = sum resurrected / sum reserved (needs ``reserved``);
     - ``sparsity`` and ``target``: weighted by layer size when ``layer_sizes`` (name -> number of
       elements, e.g. ``{w.name: w.numel for w in model.resu.state}``) covers every layer of the
       commit, which gives the model's pruned fraction of managed weights. Without sizes the
@@ -118,8 +148,6 @@ def cycle_rows(
         commit_rows = []
         for name, data in layers.items():
             data = data if isinstance(data, Mapping) else {}
-            resurrected = data.get("resurrected")
-            reserved = data.get("reserved")
             commit_rows.append(
                 {
                     "cycle": entry.get("cycle"),
@@ -127,15 +155,14 @@ def cycle_rows(
                     "layer": str(name),
                     "target": data.get("target"),
                     "sparsity": data.get("sparsity"),
-                    "resurrected": resurrected,
+                    "resurrected": data.get("resurrected"),
                     "resurrected_trained": data.get("resurrected_trained"),
                     "resurrection_rate": data.get("resurrection_rate"),
                     "churn": data.get("churn"),
                     "survivors": data.get("survivors"),
-                    "reserved": reserved,
+                    "reserved": data.get("reserved"),
                     "pruned_before": data.get("pruned_before"),
                     "budget": data.get("budget", entry.get("budget")),
-                    "budget_used": _ratio(resurrected, reserved),
                 }
             )
         if not commit_rows:
@@ -151,7 +178,6 @@ def _total_row(
     layer_sizes: Mapping[str, int] | None,
 ) -> dict[str, Any]:
     resurrected = _sum(r["resurrected"] for r in rows)
-    reserved = _sum(r["reserved"] for r in rows)
     pruned_before = _sum(r["pruned_before"] for r in rows)
     sizes = None
     if layer_sizes is not None and all(r["layer"] in layer_sizes for r in rows):
@@ -168,10 +194,9 @@ def _total_row(
         "resurrection_rate": _ratio(resurrected, pruned_before),
         "churn": _sum(r["churn"] for r in rows),
         "survivors": _sum(r["survivors"] for r in rows),
-        "reserved": reserved,
+        "reserved": _sum(r["reserved"] for r in rows),
         "pruned_before": pruned_before,
         "budget": entry.get("budget"),
-        "budget_used": _ratio(resurrected, reserved),
     }
 
 
@@ -284,39 +309,54 @@ def render_history(
     layer_sizes: Mapping[str, int] | None = None,
     totals_only: bool = False,
 ) -> str:
-    """The history as a GitHub-markdown table (tabulate ``"github"``).
+    """The history as GitHub-markdown tables (tabulate ``"github"``), one per subject, each column
+    explained once underneath.
 
-    With commits (a RESU run): :func:`cycle_rows`, one row per layer per commit and a ``(total)``
-    row each (only the totals with ``totals_only``), columns ``cycle``, ``step``, ``layer``,
-    ``target``, ``sparsity``, ``resurrected``, ``resurrection rate``, ``churn``, ``survivors``,
-    ``budget used``. Without commits (GMP, RigL): :func:`summary_rows`, one row per cycle. A line
-    under the table says when total sparsities are unweighted means (no ``layer_sizes``).
+    With commits (a RESU run): the model totals of :func:`cycle_rows`, one row per commit, then
+    (unless ``totals_only``) the per-layer detail, one row per layer and commit. Without commits
+    (GMP, RigL): :func:`summary_rows`, one row per cycle. A line under the tables says when total
+    sparsities are unweighted means (no ``layer_sizes``).
     """
     rows = cycle_rows(history, layer_sizes)
-    if rows:
-        columns = COMMIT_COLUMNS
-        weighted = [r for r in rows if r["layer"] == TOTAL]
-        if totals_only:
-            rows = weighted
+    totals = [r for r in rows if r["layer"] == TOTAL]
+    if totals:
+        tables = [("Model totals, one row per commit:", TOTALS_COLUMNS, totals)]
+        if not totals_only:
+            layers = [r for r in rows if r["layer"] != TOTAL]
+            tables.append(("Per layer, one row per layer and commit:", LAYER_COLUMNS, layers))
+        averaged = f"{TOTAL} target and sparsity"
     else:
-        rows = summary_rows(history, layer_sizes)
-        columns = SUMMARY_COLUMNS
-        weighted = rows
-    if not rows:
+        totals = summary_rows(history, layer_sizes)
+        tables = [("Per cycle:", SUMMARY_COLUMNS, totals)]
+        averaged = "sparsity"
+    if not totals:
         return "(no history yet)"
-    table = tabulate(
+    parts = [f"{title}\n{_table(columns, table_rows)}" for title, columns, table_rows in tables]
+    parts.append(_legend(columns for _, columns, _ in tables))
+    if any(r.get("sparsity_weighting") == "mean" for r in totals):
+        parts.append(
+            f"{averaged}: unweighted mean over layers (pass layer_sizes to weight by layer size)"
+        )
+    return "\n\n".join(parts)
+
+
+def _table(columns: Sequence[tuple[str, str, str]], rows: Sequence[Mapping[str, Any]]) -> str:
+    return tabulate(
         [[_format(row.get(key), fmt) for key, _, fmt in columns] for row in rows],
         headers=[header for _, header, _ in columns],
         tablefmt="github",
         disable_numparse=True,
         colalign=["left" if fmt == "s" else "right" for _, _, fmt in columns],
     )
-    if any(r.get("sparsity_weighting") == "mean" for r in weighted):
-        which = f"{TOTAL} target and sparsity" if columns is COMMIT_COLUMNS else "sparsity"
-        table += (
-            f"\n\n{which}: unweighted mean over layers (pass layer_sizes to weight by layer size)"
-        )
-    return table
+
+
+def _legend(tables: Iterable[Sequence[tuple[str, str, str]]]) -> str:
+    """One line per header of ``tables``, in first-use order, each header explained once."""
+    headers = dict.fromkeys(header for columns in tables for _, header, _ in columns)
+    return "\n".join(
+        textwrap.fill(f"- {header}: {COLUMN_NOTES[header]}", width=100, subsequent_indent="  ")
+        for header in headers
+    )
 
 
 # -- helpers --------------------------------------------------------------------------------------

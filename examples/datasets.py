@@ -1,4 +1,4 @@
-"""Real data for the quickstart, the tests and the benchmarks.
+"""Real data for the examples, the tests and the benchmarks (``resu_examples.datasets``).
 
 Sparse-training claims only mean something on real data, so every example trains on one of:
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ class ImageData:
     Images are rows of ``train_x`` / ``test_x`` (``float32``, ``H*W`` columns): pixel values scaled to
     [0, 1], then standardised with the *train* split's scalar mean and standard deviation (the test
     split uses the train statistics, so no test information leaks into training).
+    ``source`` says where the images came from, so a printout can say what its numbers are about.
     ``eq=False`` because element-wise tensor comparison has no single truth value.
     """
 
@@ -75,6 +76,7 @@ class ImageData:
     test_y: torch.Tensor
     num_classes: int
     image_size: tuple[int, int]
+    source: str = ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +226,7 @@ def load_fashion_mnist(path: str | os.PathLike[str]) -> ImageData:
         test_y=torch.from_numpy(test_labels.astype(np.int64)),
         num_classes=_FASHION_MNIST_CLASSES,
         image_size=(int(height), int(width)),
+        source=str(directory),
     )
 
 
@@ -263,6 +266,7 @@ def load_digits(*, seed: int = 0) -> ImageData:
         test_y=torch.from_numpy(np.ascontiguousarray(test_labels)),
         num_classes=len(bunch.target_names),
         image_size=(int(height), int(width)),
+        source="scikit-learn's bundled digits",
     )
 
 
@@ -275,7 +279,9 @@ def load_image_data(data_dir: str | os.PathLike[str] | None = None) -> ImageData
     path = find_fashion_mnist(data_dir)
     if path is not None:
         return load_fashion_mnist(path)
-    return load_digits()
+    digits = load_digits()
+    searched = f"${DATA_ENV_VAR}, {SYSTEM_FASHION_MNIST_DIR}"
+    return replace(digits, source=f"{digits.source} (no Fashion-MNIST in {searched})")
 
 
 # --------------------------------------------------------------------------------------------------

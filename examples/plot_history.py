@@ -1,60 +1,40 @@
 """Plot a run's history: per-layer sparsity and resurrected weights per cycle, as a PNG.
 
-Usage:
+Usage (``resu-quickstart --plot FILE`` draws the same figure at the end of its run):
 
-    python benchmarks/plot_history.py HISTORY.json [--out plot.png]
+    python -m resu_examples.plot_history HISTORY.json [--out plot.png]
 
 ``HISTORY.json`` holds either the history list (``model.resu.history``) or a dict with a
-``"history"`` key (e.g. ``model.resu.state_dict()`` written as JSON). The left panel is each
-layer's actual sparsity at the end of each cycle; the right one the weights resurrected at each
+``"history"`` key (e.g. ``model.resu.state_dict()`` written as JSON, or the ``--json`` output of
+``resu-quickstart``, whose ``"curves"`` add the training-loss panel). The first panel is each
+layer's actual sparsity at the end of each cycle; the second the weights resurrected at each
 commit, per layer and in total. A run without commits (GMP, RigL) shows RigL's regrown weights
-instead, or says that nothing was resurrected. Needs matplotlib: ``pip install -e ".[plot]"``.
+instead, or says that nothing was resurrected. Needs matplotlib: ``pip install matplotlib``
+(the ``plot`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_telemetry() -> ModuleType:
-    """``resu_compile/views/telemetry.py`` loaded by path, not through the package.
-
-    The package's ``__init__`` imports torch (seconds to load, and not needed to read a JSON
-    file); telemetry itself needs only tabulate. Loading by path also works from any directory
-    without installing the package.
-    """
-    spec = importlib.util.spec_from_file_location(
-        "_resu_telemetry", ROOT / "resu_compile" / "views" / "telemetry.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_telemetry = _load_telemetry()
-counts_by_cycle = _telemetry.counts_by_cycle
-history_from = _telemetry.history_from
-sparsity_by_cycle = _telemetry.sparsity_by_cycle
+from resu_compile.views.telemetry import counts_by_cycle, history_from, sparsity_by_cycle
 
 # Beyond this many layers a legend hides the plot; the title gives the count instead.
 MAX_LEGEND = 12
 
 
-def _pyplot() -> Any:
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend; a clear exit when it is missing."""
     try:
         import matplotlib
     except ImportError:
         raise SystemExit(
-            'plot_history: matplotlib is not installed; install it with pip install -e ".[plot]" '
-            "(or pip install matplotlib)"
+            "plotting needs matplotlib, which is not installed: pip install matplotlib "
+            '(or pip install "resu-compile[plot]"; pip install -e ".[plot]" in a checkout)'
         ) from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
@@ -62,9 +42,17 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_history(history: list[dict[str, Any]], out: Path, title: str | None = None) -> Path:
-    """Draw the two panels of ``history`` and save them to ``out`` (PNG); returns ``out``."""
-    plt = _pyplot()
+def plot_history(
+    history: list[dict[str, Any]],
+    out: Path,
+    title: str | None = None,
+    curves: Mapping[str, Sequence[Sequence[float]]] | None = None,
+) -> Path:
+    """Draw the panels of ``history`` and save them to ``out`` (PNG); returns ``out``.
+
+    ``curves`` (run name -> ``(step, loss)`` pairs) adds a third panel, the training loss.
+    """
+    plt = require_matplotlib()
     sparsity = sparsity_by_cycle(history)
     counts = counts_by_cycle(history, "commit", "resurrected")
     count_label = "resurrected weights"
@@ -72,7 +60,9 @@ def plot_history(history: list[dict[str, Any]], out: Path, title: str | None = N
         counts = counts_by_cycle(history, "rigl", "grown")
         count_label = "regrown weights (RigL)"
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    panels = 3 if curves else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), constrained_layout=True)
+    left, right = axes[0], axes[1]
     for name, per_cycle in sparsity.items():
         cycles = sorted(per_cycle)
         left.plot(cycles, [per_cycle[c] for c in cycles], marker="o", label=name)
@@ -112,6 +102,9 @@ def plot_history(history: list[dict[str, Any]], out: Path, title: str | None = N
     right.set(xlabel="cycle", ylabel=count_label, title=count_label.capitalize() + " per cycle")
     for axis in (left, right):
         axis.xaxis.get_major_locator().set_params(integer=True)
+    if curves:
+        _plot_curves(axes[2], curves)
+    for axis in axes:
         axis.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -119,6 +112,13 @@ def plot_history(history: list[dict[str, Any]], out: Path, title: str | None = N
     fig.savefig(out, format="png", dpi=120)
     plt.close(fig)
     return out
+
+
+def _plot_curves(axis: Any, curves: Mapping[str, Sequence[Sequence[float]]]) -> None:
+    for name, points in curves.items():
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1)
+    axis.set(xlabel="optimizer step", ylabel="training loss (one batch)", title="Training loss")
+    _legend(axis, len(curves))
 
 
 def _legend(axis: Any, entries: int) -> None:
@@ -134,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="PNG to write (default: HISTORY with .png)")
     args = parser.parse_args(argv)
     try:
-        history = history_from(json.loads(args.history.read_text()))
+        data = json.loads(args.history.read_text())
+        history = history_from(data)
     except (OSError, json.JSONDecodeError, ValueError) as error:
         parser.error(f"{args.history}: {error}")
+    curves = data.get("curves") if isinstance(data, Mapping) else None
     out = args.out if args.out is not None else args.history.with_suffix(".png")
-    plot_history(history, out, title=args.history.name)
+    plot_history(history, out, title=args.history.name, curves=curves)
     print(out)
     return 0
 

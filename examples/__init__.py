@@ -1,0 +1,1 @@
+"""Examples of resu-compile, installed as ``resu_examples``."""
