@@ -767,28 +767,30 @@ def record_key(record: Mapping[str, Any]) -> str | None:
 def remaining(
     runs: Sequence[Run], earlier: Sequence[dict[str, Any]], compiler: str
 ) -> tuple[list[Run], list[dict[str, Any]]]:
-    """``--resume``: the runs still to train, and the earlier records kept (every successful one;
-    a dense record counts as done only if it evaluated every planned no-recovery sparsity)."""
-    done = {}
-    for record in earlier:
-        if "error" not in record and (key := record_key(record)) is not None:
-            done[key] = record
-    todo = []
+    """``--resume``: the runs still to train, and the earlier records kept: those of the same
+    label, sparsity, seed and options as a planned run (a dense one only if it evaluated every
+    planned no-recovery sparsity), and those of runs not planned now. An earlier record of a
+    planned label, sparsity and seed under other options is superseded and dropped."""
+    planned = {}
     for run in runs:
-        key = run_key(
-            run.method,
-            run.sparsity,
-            run.seed,
-            json.loads(json.dumps(compile_options(run, compiler))),
-        )
-        found = done.get(key)
-        covered = found is not None and all(
-            str(s) in found.get("no_recovery", {}) for s in run.no_recovery
-        )
-        if not covered:
-            todo.append(run)
-            done.pop(key, None)
-    return todo, list(done.values())
+        options = json.loads(json.dumps(compile_options(run, compiler)))
+        planned[run_key(run.method, run.sparsity, run.seed, options)] = run
+    slots = {(run.method, run.sparsity, run.seed) for run in runs}
+    kept, done = [], set()
+    for record in earlier:
+        if "error" in record:
+            continue
+        key = record_key(record)
+        run = planned.get(key) if key is not None else None
+        if run is not None:
+            if key not in done and all(
+                str(s) in record.get("no_recovery", {}) for s in run.no_recovery
+            ):
+                kept.append(record)
+                done.add(key)
+        elif (record["method"], record["sparsity"], record["seed"]) not in slots:
+            kept.append(record)
+    return [run for key, run in planned.items() if key not in done], kept
 
 
 def estimate_seconds(
