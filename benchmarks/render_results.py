@@ -20,7 +20,21 @@ README_START = "<!-- performance:start -->"
 README_END = "<!-- performance:end -->"
 ACCURACY_START = "<!-- accuracy:start -->"
 ACCURACY_END = "<!-- accuracy:end -->"
-ACCURACY_TASKS = ("fmnist-mlp", "fmnist-vit", "kjv-gpt")  # table order; other tasks follow
+# Table order; other tasks follow.
+ACCURACY_TASKS = (
+    "fmnist-mlp",
+    "fmnist-vit",
+    "fmnist-cnn",
+    "kjv-gpt",
+    "sotu-llama",
+    "kjv-gpt-recover",
+)
+#: What the ablation labels of benchmarks/accuracy.py leave out of the default RESU.
+ACCURACY_ABLATIONS = {
+    "resu-no-resu-phase": "GMP pruning at the default RESU's steps to its sparsities (its cycles, "
+    "schedule and phase split) with no RESU phase: no theta, no amnesty",
+    "resu-no-amnesty": "the default RESU with amnesty=False (the commit merges all theta)",
+}
 TRANSITION_TARGET_MS_PER_100M = 20.0  # the mask transitions' budget per 100M managed weights
 ACCURACY_NOT_MEASURED = (
     "Not measured yet: run `python -m benchmarks.accuracy --task TASK` on the GPU machine "
@@ -189,18 +203,24 @@ def accuracy_results(results: Path) -> list[dict[str, Any]]:
 
 
 def accuracy_section(result: dict[str, Any]) -> str:
-    """One task: rows = method, columns = sparsity ("mean ± std" over seeds), resurrected counts."""
+    """One task: rows = method, columns = sparsity ("mean ± std" over seeds), the check against
+    the value just before the final prune (where recorded), resurrected counts."""
     perplexity = not result.get("higher_is_better", True)
     digits = 3 if perplexity else 2
     sparsities = sorted({row["sparsity"] for row in result["summary"]})
     methods = list(dict.fromkeys(row["method"] for row in result["summary"]))
     cells = {(row["method"], row["sparsity"]): row for row in result["summary"]}
+    checked = any(row.get("recovers") is not None for row in result["summary"])
     rows = []
     for method in methods:
         row = {"method": method}
         for s in sparsities:
             cell = cells.get((method, s))
             row[f"{s:.0%} sparsity"] = "" if cell is None else _mean_std(cell, digits)
+        if checked:
+            for s in sparsities:
+                cell = cells.get((method, s))
+                row[f"after final prune ({s:.0%})"] = _after_final_prune(cell, digits)
         for s in sparsities:
             cell = cells.get((method, s))
             resurrected = cell is not None and (
@@ -215,21 +235,55 @@ def accuracy_section(result: dict[str, Any]) -> str:
         rows.append(row)
     seeds = sorted({run["seed"] for run in result["runs"]})
     optimizer = result.get("optimizer", {})
+    start = "every trained method"
+    if result.get("pretrain_steps"):
+        start = (
+            f"every method, each starting from the same dense checkpoint per seed (trained "
+            f"{result['pretrain_steps']} steps, once)"
+        )
     notes = [
-        f"{result['steps']} optimizer steps of batch {result['batch_size']} for every trained "
-        f"method (AdamW, lr {optimizer.get('lr')}, weight decay {optimizer.get('weight_decay')}, "
+        f"{result['steps']} optimizer steps of batch {result['batch_size']} for {start} (AdamW, "
+        f"lr {optimizer.get('lr')}, weight decay {optimizer.get('weight_decay')}, "
         "linear warm-up then cosine decay); "
         f"{'lower' if perplexity else 'higher'} is better; mean ± sample std over seeds "
         f"{', '.join(map(str, seeds))}. `dense` is trained once per seed and shown at every "
-        "sparsity; `pruned-no-recovery` is its final model pruned by magnitude with no further "
-        "training. `resurrected`: weights brought back by all commits of a run, mean over seeds; in "
-        "brackets, how many of them had trained as theta (the others return as untrained zeros).",
+        "sparsity; `pruned-no-recovery` is "
+        + ("the pretrained checkpoint" if result.get("pretrain_steps") else "dense's final model")
+        + " pruned by magnitude with no further training. `resurrected`: weights brought back "
+        "by all commits of a run, mean over seeds; in brackets, how many of them had trained as "
+        "theta (the others return as untrained zeros).",
     ]
     if "schedule_fraction" in result:
         notes.append(
             f"Pruning schedules (RESU cycles, GMP, one-shot) span the first "
             f"{result['schedule_fraction']:.0%} of the steps and the rest trains at the final "
             "sparsity; RigL stops changing masks at 75%."
+            + (" One-shot prunes before the first step." if result.get("pretrain_steps") else "")
+        )
+    ablations = [f"`{m}`: {text}" for m, text in ACCURACY_ABLATIONS.items() if m in methods]
+    if ablations:
+        notes.append("Ablations of `resu` (the library's defaults): " + "; ".join(ablations) + ".")
+    variants = {
+        m: options
+        for m, options in result.get("methods", {}).items()
+        if m in methods and m not in ACCURACY_ABLATIONS and m.startswith("resu")
+    }
+    if variants:
+        notes.append(
+            "Options per label: "
+            + "; ".join(f"`{m}`: `{json.dumps(o)}`" for m, o in variants.items())
+            + "."
+        )
+    if checked:
+        notes.append(
+            "`after final prune`: the worst seed's change from its metric just before the "
+            "schedule's final prune to its final metric (positive: worse), `ok` when within the "
+            "cell's seed-to-seed std. " + _verdict(result["summary"])
+        )
+    if any(run.get("trace") for run in result["runs"]):
+        notes.append(
+            f"Validation traces (metric every few steps and after every transition): "
+            f"`benchmarks/results/accuracy-{result['task']}.png`."
         )
     if result.get("errors"):
         notes.append(f"**{len(result['errors'])} runs failed** and are missing from the table.")
@@ -246,6 +300,25 @@ def accuracy_section(result: dict[str, Any]) -> str:
             tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
         ]
     )
+
+
+def _after_final_prune(cell: dict[str, Any] | None, digits: int) -> str:
+    if cell is None or cell.get("recovers") is None:
+        return ""
+    verdict = "ok" if cell["recovers"] else "**worse**"
+    return f"{verdict} ({cell['worse_than_before_max']:+.{digits}f})"
+
+
+def _verdict(summary: list[dict[str, Any]]) -> str:
+    """The study's target, checked: no run ends worse than before its final prune by more than
+    the seed spread."""
+    checked = [row for row in summary if row.get("recovers") is not None]
+    failed = [
+        f"`{row['method']}` at {row['sparsity']:.0%}" for row in checked if not row["recovers"]
+    ]
+    if not failed:
+        return f"Every one of the {len(checked)} checked cells is ok."
+    return f"{len(failed)} of {len(checked)} checked cells are worse: {', '.join(failed)}."
 
 
 def _mean_std(cell: dict[str, Any], digits: int) -> str:

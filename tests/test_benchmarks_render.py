@@ -206,3 +206,77 @@ def test_tuning_section_shows_every_candidate_and_marks_the_default():
     rows = _table_rows(text, "bfloat16")
     assert [r[-2:] for r in rows] == [["93.0", "yes"], ["67.6", "no"]]
     assert "python -m benchmarks.tune_updates" in text and "4096x4096" in text
+
+
+# render_results.py: accuracy
+
+
+def _accuracy_result(recovers: bool) -> dict[str, Any]:
+    def cell(method: str, sparsity: float, mean: float, **extra: Any) -> dict[str, Any]:
+        return {
+            "sparsity": sparsity,
+            "method": method,
+            "mean": mean,
+            "std": 0.1,
+            "seeds": [0, 1],
+            "resurrected_mean": 0.0,
+            "resurrected_trained_mean": 0.0,
+            "recovers": None,
+            "worse_than_before_max": None,
+            **extra,
+        }
+
+    summary = []
+    for s in (0.7, 0.9):
+        summary += [
+            cell("dense", s, 1.8),
+            cell("resu", s, 2.0, recovers=True, worse_than_before_max=-0.2),
+            cell(
+                "resu-no-resu-phase",
+                s,
+                2.5,
+                recovers=recovers or s == 0.7,
+                worse_than_before_max=0.5,
+            ),
+        ]
+    return {
+        **ENV,
+        "task": "sotu-llama",
+        "metric": "validation bits per byte",
+        "higher_is_better": False,
+        "command": "python -m benchmarks.accuracy --task sotu-llama",
+        "steps": 2000,
+        "pretrain_steps": 0,
+        "batch_size": 32,
+        "schedule_fraction": 0.8,
+        "methods": {"resu": {"method": "resu"}, "resu-no-resu-phase": {"method": "gmp"}},
+        "runs": [{"seed": 0, "trace": [{"step": 0}]}, {"seed": 1, "trace": [{"step": 0}]}],
+        "summary": summary,
+    }
+
+
+def test_accuracy_section_shows_the_check_after_the_final_prune_and_the_ablations():
+    text = render_results.accuracy_section(_accuracy_result(recovers=False))
+    header = _table_rows(text, "method")[0]
+    assert header == [
+        "method", "70% sparsity", "90% sparsity", "after final prune (70%)",
+        "after final prune (90%)", "resurrected (70%)", "resurrected (90%)",
+    ]  # fmt: skip
+    rows = {row[0]: row for row in _table_rows(text, "resu")}
+    assert rows["resu"][1] == "2.000 ± 0.100"
+    assert rows["resu"][3:5] == ["ok (-0.200)", "ok (-0.200)"]
+    assert rows["resu-no-resu-phase"][3:5] == ["ok (+0.500)", "**worse** (+0.500)"]
+    assert _table_rows(text, "dense")[0][3:5] == ["", ""]  # nothing pruned: nothing to check
+    assert "1 of 4 checked cells are worse: `resu-no-resu-phase` at 90%" in text
+    assert "`resu-no-resu-phase`: GMP pruning at the default RESU's steps" in text
+    assert "accuracy-sotu-llama.png" in text
+    passing = render_results.accuracy_section(_accuracy_result(recovers=True))
+    assert "Every one of the 4 checked cells is ok." in passing
+
+
+def test_accuracy_section_of_a_recovery_task_names_the_checkpoint():
+    result = {**_accuracy_result(recovers=True), "task": "kjv-gpt-recover", "pretrain_steps": 1200}
+    text = render_results.accuracy_section(result)
+    assert "same dense checkpoint per seed (trained 1200 steps, once)" in text
+    assert "`pruned-no-recovery` is the pretrained checkpoint pruned by magnitude" in text
+    assert "One-shot prunes before the first step." in text
