@@ -106,8 +106,8 @@ class ResuCallback(TrainerCallback):
             raise ValueError("ResuCallback: the Trainer passed no model to on_train_begin")
         controller = self._check_model(model)
         if controller is None:
-            resu.compile(model, inplace=True, **self._schedule_options(state.max_steps))
-            controller = resu.controller(model)
+            options = self._schedule_options(state.max_steps)
+            controller = resu.compile(model, inplace=True, **options).resu
         if controller.config.run_steps > state.max_steps:
             warnings.warn(
                 f"ResuCallback: the RESU schedule spans {controller.config.run_steps} optimizer "
