@@ -24,22 +24,28 @@ TIMEOUT_S = 240
 MANAGED_ROW = re.compile(r"^(\S+)\s+(\d+(?:x\d+)+)\s+\S+\s+[\d.]+\s+(\d+)\s*$", re.MULTILINE)
 
 
-def _run(*args: str) -> str:
+def _run(*args: str, tmp_path: Path) -> str:
+    """Run ``python *args``; output goes to files, not pipes: a compile worker that outlives the
+    script (Inductor keeps a pool) would hold a pipe open and the wait for its end would hang."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    result = subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        result = subprocess.run(
+            [sys.executable, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+    output = out.read_text()
+    assert result.returncode == 0, output[-3000:] + err.read_text()[-3000:]
+    return output
 
 
 def _managed(report: str) -> dict[str, tuple[int, int]]:
@@ -58,21 +64,28 @@ def _assert_done_at_sparsity(output: str, expected: set[str]) -> None:
         assert active == int((1 - SPARSITY) * numel), (name, numel, active)
 
 
-def test_plain_loop() -> None:
-    output = _run(str(EXAMPLES / "plain_loop.py"), "--steps", "30", "--sparsity", str(SPARSITY))
+def test_plain_loop(tmp_path: Path) -> None:
+    output = _run(
+        str(EXAMPLES / "plain_loop.py"),
+        "--steps",
+        "30",
+        "--sparsity",
+        str(SPARSITY),
+        tmp_path=tmp_path,
+    )
     _assert_done_at_sparsity(output, {"0.weight", "2.weight", "4.weight"})
     (accuracy,) = re.findall(r"accuracy on 1024 fresh samples: ([\d.]+)", output)
     assert 0.0 <= float(accuracy) <= 1.0
 
 
-def test_cnn_small() -> None:
-    output = _run(str(EXAMPLES / "cnn.py"), "--model", "small", "--steps", "20")
+def test_cnn_small(tmp_path: Path) -> None:
+    output = _run(str(EXAMPLES / "cnn.py"), "--model", "small", "--steps", "20", tmp_path=tmp_path)
     assert output.startswith("small CNN")
     # The classifier head's Linear weights; whether convolutions are managed is the pass's call.
     _assert_done_at_sparsity(output, {"7.weight", "9.weight"})
 
 
-def test_ddp_two_ranks_agree_on_masks() -> None:
+def test_ddp_two_ranks_agree_on_masks(tmp_path: Path) -> None:
     pytest.importorskip("torch.distributed")
     output = _run(
         "-m",
@@ -83,6 +96,7 @@ def test_ddp_two_ranks_agree_on_masks() -> None:
         str(EXAMPLES / "ddp.py"),
         "--steps",
         "20",
+        tmp_path=tmp_path,
     )
     hashes = dict(re.findall(r"rank (\d)/2: mask hash ([0-9a-f]+)", output))
     assert set(hashes) == {"0", "1"}, output
