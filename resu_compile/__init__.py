@@ -8,7 +8,7 @@ model.resu.step(optimizer)                    # instead of optimizer.step()
 """
 
 from resu_compile.api import compile, controller
-from resu_compile.backend import register as _register_backend
+from resu_compile.compiler.backend import register as _register_backend
 from resu_compile.config import ResuConfig
 from resu_compile.runtime.controller import PhaseController
 from resu_compile.runtime.phase import Phase

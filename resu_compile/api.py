@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from resu_compile.backend import ResuBackend, find_controller, track
+from resu_compile.compiler.backend import ResuBackend
+from resu_compile.compiler.passes.eligibility import lora_adapter_ids, param_skip_reason
+from resu_compile.compiler.registry import find_controller, track
 from resu_compile.config import ResuConfig
-from resu_compile.passes.select import lora_adapter_ids, param_skip_reason
 from resu_compile.runtime.controller import PhaseController
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resu_compile as resu
-from resu_compile.passes.match import find_weight_candidates
+from resu_compile.compiler.passes.match import find_weight_candidates
 
 OPTIONS = {"sparsity": 0.5, "manual": True, "compiler": "aot_eager"}
 

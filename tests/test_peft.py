@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import resu_compile as resu
+from resu_compile.compiler.passes.eligibility import LORA_REASON
 from resu_compile.method.schedule import keep_count
-from resu_compile.passes.select import LORA_REASON
 
 OPTIONS = {"sparsity": 0.5, "manual": True, "compiler": "aot_eager"}
 BASE = ["fc1.base_layer.weight", "fc2.base_layer.weight"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import resu_compile as resu
-import resu_compile.backend as backend
+import resu_compile.compiler.backend as backend
 from resu_compile.kernels.graph_ops import accumulate_input_sq_norms, mask_gradient
 from tests.zoo import ZOO_BY_NAME
 

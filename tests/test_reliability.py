@@ -86,3 +86,13 @@ def test_non_finite_option_values_are_refused(value: float) -> None:
     for option in ("theta_lr", "theta_weight_decay", "theta_init_eps"):
         with pytest.raises(ValueError, match=f"option '{option}'"):
             resu.ResuConfig.from_options({option: value})
+
+
+def test_recompiling_a_managed_model_with_other_options_is_refused() -> None:
+    model = ENTRY.build()
+    first = torch.compile(model, backend="resu", options={"sparsity": 0.5, "compiler": "eager"})
+    first(*ENTRY.make_batch(0))
+    again = torch.compile(model, backend="resu", options={"sparsity": 0.9, "compiler": "eager"})
+    with pytest.raises(Exception, match="sparsity differ"):
+        again(*ENTRY.make_batch(1))
+    assert resu.controller(model).config.sparsity == 0.5

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from resu_compile.compiler.passes.match import ConvUse, LinearUse
 from resu_compile.kernels.graph_ops import accumulate_input_sq_norms, mask_gradient
-from resu_compile.passes.match import ConvUse, LinearUse
 
 _DYNAMO_ATTRS = ("_param_name_to_source",)
 

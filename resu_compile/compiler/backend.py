@@ -1,7 +1,7 @@
 """The torch.compile backend "resu": match, register, rewrite, hand off to the inner compiler.
 
 For every graph Dynamo captures, the backend finds the managed weights (``passes.match`` /
-``passes.select``), registers them with the controller's StateManager, and returns a
+``passes.eligibility``), registers them with the controller's StateManager, and returns a
 :class:`GraphDispatcher`: a callable that runs, per call, the compiled variant the controller's
 current phase needs. Variants are compiled once and cached; a phase switch is a dictionary lookup.
 """
@@ -9,48 +9,26 @@ current phase needs. Variants are compiled once and cached; a phase switch is a 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from resu_compile.compiler.names import frame_locals, root_module, source_name
+from resu_compile.compiler.passes.eligibility import is_lora_name, lora_adapter_ids, skip_reason
+from resu_compile.compiler.passes.match import WeightCandidate, find_weight_candidates
+from resu_compile.compiler.passes.rewrite import VariantSpec, build_variant
+from resu_compile.compiler.registry import (
+    holder_of,
+    module_of,
+    new_controller,
+    owner_of,
+    registered,
+)
 from resu_compile.config import ResuConfig
-from resu_compile.passes.match import WeightCandidate, find_weight_candidates
-from resu_compile.passes.rewrite import VariantSpec, build_variant
-from resu_compile.passes.select import is_lora_name, lora_adapter_ids, skip_reason
 from resu_compile.runtime.controller import PhaseController
 from resu_compile.state import ManagedWeight
-
-# Controllers created by the "resu" backend name, per root module (graphs of one model, split by
-# graph breaks, share one controller); every live controller, for lookups by parameter.
-_BY_MODULE: weakref.WeakKeyDictionary[torch.nn.Module, PhaseController] = (
-    weakref.WeakKeyDictionary()
-)
-_ALL: weakref.WeakSet[PhaseController] = weakref.WeakSet()
-
-
-def track(controller: PhaseController, module: torch.nn.Module | None = None) -> None:
-    """Make ``controller`` findable by :func:`find_controller`."""
-    _ALL.add(controller)
-    if module is not None:
-        _BY_MODULE[module] = controller
-
-
-def find_controller(model: torch.nn.Module) -> PhaseController | None:
-    """The controller managing ``model`` (a compiled or original module), if any."""
-    handle = getattr(model, "__dict__", {}).get("resu")
-    if isinstance(handle, PhaseController):
-        return handle
-    original = getattr(model, "_orig_mod", model)
-    if original in _BY_MODULE:
-        return _BY_MODULE[original]
-    for param in original.parameters():
-        controller = _owner_of(param)
-        if controller is not None:
-            return controller
-    return None
 
 
 def inner_compiler(name: str) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
@@ -62,80 +40,6 @@ def inner_compiler(name: str) -> Callable[[fx.GraphModule, list[Any]], Callable[
     if name == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")
     return lambda gm, example_inputs: gm.forward
-
-
-_CONTAINERS = ("_modules", "_parameters", "_buffers")
-
-
-def _chain(source: Any) -> list[Any]:
-    """The sources from the frame's local (first) to ``source`` (last)."""
-    chain = []
-    while source is not None:
-        chain.append(source)
-        source = getattr(source, "base", None)
-    return chain[::-1]
-
-
-def _step(value: Any, source: Any) -> Any:
-    """The object ``source`` names, given the object its base names."""
-    member = getattr(source, "member", None)
-    if member is not None:
-        return getattr(value, member)
-    index = getattr(source, "index", None)
-    if index is not None:
-        return value[index]
-    return value  # a wrapper source (NNModuleSource, ...) names its base's object
-
-
-def _resolve(source: Any, f_locals: dict[str, Any]) -> tuple[torch.nn.Module | None, int]:
-    """The outermost module on ``source``'s chain, evaluated from the frame's locals, and the
-    chain position just past it (the local itself when nothing resolves).
-
-    A ``forward`` wrapped by a ``*args, **kwargs`` decorator (transformers' ``deprecate_kwarg``)
-    is traced as the wrapper's frame, so the module is ``args[0]``, not a local of its own.
-    """
-    chain = _chain(source)
-    local = getattr(chain[0], "local_name", None) if chain else None
-    if local is None or local not in f_locals:
-        return None, 1
-    value = f_locals[local]
-    for position in range(1, len(chain) + 1):
-        if isinstance(value, torch.nn.Module):
-            return value, position
-        if position == len(chain):
-            break
-        try:
-            value = _step(value, chain[position])
-        except Exception:  # a source kind this walk does not know: no module found on it
-            break
-    return None, 1
-
-
-def _frame_locals() -> dict[str, Any]:
-    """Locals of the frame Dynamo is tracing (empty outside a Dynamo trace)."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        return dict(InstructionTranslator.current_tx().f_locals)
-    except Exception:
-        return {}
-
-
-def source_name(source: Any, f_locals: dict[str, Any] | None = None) -> str | None:
-    """Dotted parameter name (``layers.0.weight``) from a Dynamo source chain.
-
-    With the traced frame's ``f_locals`` the name starts at the outermost module on the chain
-    (``lm_head.weight`` for ``args[0].lm_head.weight``); without them, at the frame's local.
-    """
-    chain = _chain(source)
-    _, start = _resolve(source, f_locals or {})
-    parts = []
-    for link in chain[start:]:
-        member = getattr(link, "member", None)
-        part = member if member is not None else getattr(link, "index", None)
-        if part is not None and part not in _CONTAINERS:
-            parts.append(str(part))
-    return ".".join(parts) or None
 
 
 # The variants a graph can run, by the name PhaseController.graph_variant() returns.
@@ -212,7 +116,7 @@ class GraphDispatcher:
         first = args[self._slots[0][0]]
         binding = self._bindings.get(id(first))
         if binding is None:
-            controller = _owner_of(first) or _new_controller(self._config)
+            controller = owner_of(first) or new_controller(self._config)
             weights = []
             for index, _, template in self._slots:
                 weight = controller.state.register(args[index], template.name)
@@ -233,48 +137,14 @@ def _extra_inputs(spec: VariantSpec, weights: list[ManagedWeight]) -> list[torch
     return extra
 
 
-def _owner_of(param: torch.Tensor) -> PhaseController | None:
-    """The live controller that manages ``param``, if any."""
-    for controller in list(_ALL):
-        if controller.state.get(param) is not None:
-            return controller
-    return None
-
-
-def _holder_of(params: list[torch.nn.Parameter]) -> PhaseController | None:
-    """The live controller that manages one of ``params`` or whose module holds one (a graph
-    traced in a submodule's frame, after a graph break there, belongs to the whole model)."""
-    for param in params:
-        controller = _owner_of(param)
-        if controller is not None:
-            return controller
-    wanted = {id(p) for p in params}
-    for module, controller in list(_BY_MODULE.items()):
-        if any(id(p) in wanted for p in module.parameters()):
-            return controller
-    return None
-
-
-def _module_of(controller: PhaseController) -> torch.nn.Module | None:
-    """The module ``controller`` was created for, if it is still alive."""
-    return next((m for m, c in list(_BY_MODULE.items()) if c is controller), None)
-
-
-def _new_controller(config: ResuConfig, module: torch.nn.Module | None = None) -> PhaseController:
-    names = {id(p): n for n, p in module.named_parameters()} if module is not None else None
-    controller = PhaseController(config, names, module)
-    track(controller, module)
-    return controller
-
-
 def compile_graph(
     controller: PhaseController, gm: fx.GraphModule, example_inputs: list[Any]
 ) -> GraphDispatcher:
     """Match, register and rewrite one Dynamo graph for ``controller``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index_of = {id(node): i for i, node in enumerate(placeholders)}
-    f_locals = _frame_locals()
-    module = _module_of(controller)
+    f_locals = frame_locals()
+    module = module_of(controller)
     adapters = lora_adapter_ids(module) if module is not None else None
     managed = []
     for candidate in find_weight_candidates(gm, example_inputs):
@@ -312,25 +182,22 @@ def resu_backend(
     gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None, **_: Any
 ) -> GraphDispatcher:
     """``torch.compile(model, backend="resu", options={...})``: options are ResuConfig fields."""
-    root = _root_module(gm)
-    controller = _BY_MODULE.get(root) if root is not None else None
+    root = root_module(gm)
+    controller = registered(root) if root is not None else None
     if controller is None:
-        controller = _holder_of([v for v in example_inputs if isinstance(v, torch.nn.Parameter)])
+        controller = holder_of([v for v in example_inputs if isinstance(v, torch.nn.Parameter)])
     if controller is None:
-        controller = _new_controller(ResuConfig.from_options(options), root)
+        controller = new_controller(ResuConfig.from_options(options), root)
+    elif options is not None:
+        asked = ResuConfig.from_options(options).to_dict()
+        differ = sorted(k for k, v in asked.items() if controller.config.to_dict()[k] != v)
+        if differ:
+            raise ValueError(
+                f"torch.compile(backend='resu'): this model is already managed with other "
+                f"options ({', '.join(differ)} differ); its options cannot change after "
+                "compilation: build a fresh model, or load a checkpoint into one"
+            )
     return compile_graph(controller, gm, example_inputs)
-
-
-def _root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
-    """The module whose forward Dynamo is tracing (the graph's parameters hang off it)."""
-    f_locals = _frame_locals()
-    for node in gm.graph.nodes:
-        source = getattr(node, "_dynamo_source", None)
-        if node.op == "placeholder" and source is not None:
-            root, _ = _resolve(source, f_locals)
-            if root is not None:
-                return root
-    return None
 
 
 def register() -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from resu_compile.compiler.passes.match import WeightCandidate
 from resu_compile.config import ResuConfig
-from resu_compile.passes.match import WeightCandidate
 
 # The parameter containers of a PEFT LoRA layer (``peft.tuners.lora.LoraLayer``): the adapters.
 LORA_ADAPTER_NAMES = (
