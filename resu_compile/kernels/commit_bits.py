@@ -42,7 +42,7 @@ def commit_bits(
     if on_gpu([*old, *new, *trained, *revived]):
         from resu_compile.kernels.triton.commit_bits import commit_bits_triton
 
-        return commit_bits_triton(old, new, trained, revived, numels)
+        return CommitBits(*commit_bits_triton(old, new, trained, revived, numels))
     return commit_bits_reference(old, new, trained, revived)
 
 

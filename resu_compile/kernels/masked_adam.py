@@ -16,28 +16,13 @@ bit (see ``launch.FP_FUSION``), which is also what the reference path runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
 from resu_compile.kernels.bits import unpack_bits
 from resu_compile.kernels.launch import on_gpu, pick, route
 from resu_compile.kernels.theta_update import theta_update_reference_
-from resu_compile.kernels.update_math import adam_math_, skip_step, work, write_back
-
-
-class ThetaAdamW(NamedTuple):
-    """Theta's AdamW step on the selected pruned coordinates (METHOD.md section 4), for
-    :func:`masked_adam_` to apply in the same pass as the actives' own step; ``select_bits``
-    holds one packed selection per weight, aligned with the weights passed along."""
-
-    select_bits: Sequence[torch.Tensor]
-    lr: float
-    step: int
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    eps: float = 1e-8
+from resu_compile.kernels.update_math import ThetaAdamW, adam_math_, skip_step, work, write_back
 
 
 def masked_adam_(

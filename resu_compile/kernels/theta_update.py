@@ -16,10 +16,13 @@ import torch
 
 from resu_compile.kernels.bits import unpack_bits
 from resu_compile.kernels.launch import on_gpu, pick, route
-from resu_compile.kernels.update_math import adam_math_, skip_step
+from resu_compile.kernels.update_math import (
+    adam_math_,
+    check_consistency_args,
+    check_theta_args,
+    skip_step,
+)
 from resu_compile.method.consistency import DELTA
-
-THETA_RULES = ("sgd", "momentum", "adamw")
 
 
 def theta_update_(
@@ -165,21 +168,3 @@ def theta_update_reference_(
             g = m
         theta.add_(g, alpha=-lr)
     param[sel] = theta.to(param.dtype)
-
-
-def check_consistency_args(m: object | None, v: object | None) -> bool:
-    """Whether a theta step is consistency-weighted: both statistics given, or neither."""
-    if (m is None) != (v is None):
-        raise ValueError("theta_update_: consistency_m and consistency_v go together")
-    return m is not None
-
-
-def check_theta_args(rule: str, exp_avg: object | None, exp_avg_sq: object | None) -> None:
-    """That ``rule`` is known and has the states it needs (tensors, or lists of them): shared by
-    the reference and the kernel so both reject the same calls."""
-    if rule not in THETA_RULES:
-        raise ValueError(f"theta_update_: rule must be one of {THETA_RULES}, got {rule!r}")
-    if rule in ("momentum", "adamw") and exp_avg is None:
-        raise ValueError(f"theta_update_: rule {rule!r} needs exp_avg")
-    if rule == "adamw" and exp_avg_sq is None:
-        raise ValueError("theta_update_: rule 'adamw' needs exp_avg_sq")

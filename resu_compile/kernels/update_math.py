@@ -12,6 +12,9 @@ the device; the references, the CPU path, check it on the host.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -72,3 +75,38 @@ def adam_math_(
     bias_correction2_sqrt = bias_correction2**0.5
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
     p.addcdiv_(m, denom, value=-step_size)
+
+
+THETA_RULES = ("sgd", "momentum", "adamw")
+
+
+class ThetaAdamW(NamedTuple):
+    """Theta's AdamW step on the selected pruned coordinates (METHOD.md section 4), for
+    :func:`masked_adam_` to apply in the same pass as the actives' own step; ``select_bits``
+    holds one packed selection per weight, aligned with the weights passed along."""
+
+    select_bits: Sequence[torch.Tensor]
+    lr: float
+    step: int
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+def check_consistency_args(m: object | None, v: object | None) -> bool:
+    """Whether a theta step is consistency-weighted: both statistics given, or neither."""
+    if (m is None) != (v is None):
+        raise ValueError("theta_update_: consistency_m and consistency_v go together")
+    return m is not None
+
+
+def check_theta_args(rule: str, exp_avg: object | None, exp_avg_sq: object | None) -> None:
+    """That ``rule`` is known and has the states it needs (tensors, or lists of them): shared by
+    the reference and the kernel so both reject the same calls."""
+    if rule not in THETA_RULES:
+        raise ValueError(f"theta_update_: rule must be one of {THETA_RULES}, got {rule!r}")
+    if rule in ("momentum", "adamw") and exp_avg is None:
+        raise ValueError(f"theta_update_: rule {rule!r} needs exp_avg")
+    if rule == "adamw" and exp_avg_sq is None:
+        raise ValueError("theta_update_: rule 'adamw' needs exp_avg_sq")

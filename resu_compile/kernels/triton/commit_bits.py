@@ -8,7 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from resu_compile.kernels.commit_bits import CommitBits
 from resu_compile.kernels.launch import (
     BLOCK,
     CHUNK_BLOCKS,
@@ -71,8 +70,8 @@ def commit_bits_triton(
     trained: Sequence[torch.Tensor],
     revived: Sequence[torch.Tensor],
     numels: Sequence[int],
-) -> CommitBits:
-    """The Triton path of :func:`commit_bits`."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The Triton path of :func:`commit_bits`: the fields of its ``CommitBits``, in order."""
     device = old[0].device
     keep = [torch.empty_like(o) for o in old]
     revived_out = [torch.empty_like(o) for o in old]
@@ -90,4 +89,4 @@ def commit_bits_triton(
     )
     counts = torch.zeros(len(old), 4, dtype=torch.int64, device=device)
     counts.index_add_(0, tables.segment, per_chunk.long())
-    return CommitBits(keep, revived_out, counts)
+    return keep, revived_out, counts

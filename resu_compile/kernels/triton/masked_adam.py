@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from resu_compile.kernels import launch
-from resu_compile.kernels.masked_adam import ThetaAdamW
 from resu_compile.kernels.triton.common import (
     adam_math,
     adam_scalars,
@@ -26,6 +25,7 @@ from resu_compile.kernels.triton.common import (
     vector_tile,
     vector_tile_bits,
 )
+from resu_compile.kernels.update_math import ThetaAdamW
 
 
 @triton.jit

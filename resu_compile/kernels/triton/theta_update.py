@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from resu_compile.kernels import launch
-from resu_compile.kernels.theta_update import check_consistency_args, check_theta_args
 from resu_compile.kernels.triton.common import (
     adam_math,
     adam_scalars,
@@ -24,6 +23,7 @@ from resu_compile.kernels.triton.common import (
     vector_tile,
     vector_tile_bits,
 )
+from resu_compile.kernels.update_math import check_consistency_args, check_theta_args
 from resu_compile.method.consistency import DELTA
 
 _RULE_IDS = {"sgd": 0, "momentum": 1, "adamw": 2}
