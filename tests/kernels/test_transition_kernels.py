@@ -106,7 +106,7 @@ def test_commit_bits(device: str) -> None:
     numels = [torch.Size(shape).numel() for shape, _ in CASES]
     old, new, trained, revived = (_bits(device, seed) for seed in (0, 50, 100, 150))
     run = (
-        commit_triton.commit_bits_triton(old, new, trained, revived, numels)
+        commit.CommitBits(*commit_triton.commit_bits_triton(old, new, trained, revived, numels))
         if device == "cpu"
         else commit.commit_bits(old, new, trained, revived, numels)
     )
