@@ -88,8 +88,8 @@ def _instrument(controller: resu.PhaseController, log: list[str]) -> None:
     """Check the counts and the optimizer state right after each prune and commit."""
     prune, commit = controller._prune, controller._commit
 
-    def checked_prune(sparsity: float) -> None:
-        prune(sparsity)
+    def checked_prune(*args: object) -> None:
+        prune(*args)
         _check_counts(controller, "prune")
         optimizer = controller.optimizer
         for weight in controller.state:
