@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print(f"masks agree on all {world} ranks")
             print(compiled.resu.report())
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
     return 0

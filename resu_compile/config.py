@@ -201,9 +201,8 @@ class ResuConfig:
         for name in ("schedule", "pause_after", "phase_fractions", "theta_betas"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.schedule is None:
-            default = "cubic" if self.method == "gmp" else "linear"
-            object.__setattr__(self, "schedule", "constant" if self.pattern else default)
+        if self.schedule is None:  # README "Defaults from evidence": cubic for every method
+            object.__setattr__(self, "schedule", "constant" if self.pattern else "cubic")
         if self.distribution is None:
             object.__setattr__(self, "distribution", "erk" if self.method == "rigl" else "uniform")
         for f in dataclasses.fields(self):
