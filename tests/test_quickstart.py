@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from resu_compile.method.schedule import cycle_sparsities
 from resu_examples import datasets, quickstart
 
 SPARSITY = 0.7
@@ -69,11 +70,12 @@ def test_main_on_digits_writes_consistent_json(
         assert layer["active"] == int((1 - SPARSITY) * numel), layer
         assert layer["sparsity"] == pytest.approx(1 - layer["active"] / numel)
 
-    # One commit per cycle on the linear ramp, and every amnesty brought weights back.
+    # One commit per cycle on the default (cubic) schedule, and every amnesty brought weights back.
     cycles = results["cycles"]
+    targets = cycle_sparsities(SPARSITY, CYCLES, "cubic")
     assert [c["cycle"] for c in cycles] == list(range(CYCLES))
     for c in cycles:
-        assert c["target"] == pytest.approx(SPARSITY * (c["cycle"] + 1) / CYCLES)
+        assert c["target"] == pytest.approx(targets[c["cycle"]])
         assert c["resurrected"] > 0, c
         assert c["reserved"] >= c["resurrected"] >= c["resurrected_trained"], c
 
