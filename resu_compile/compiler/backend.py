@@ -189,8 +189,8 @@ def resu_backend(
     if controller is None:
         controller = new_controller(ResuConfig.from_options(options), root)
     elif options is not None:
-        asked = ResuConfig.from_options(options).to_dict()
-        differ = sorted(k for k, v in asked.items() if controller.config.to_dict()[k] != v)
+        asked, current = ResuConfig.from_options(options).to_dict(), controller.config.to_dict()
+        differ = sorted(k for k, v in asked.items() if current[k] != v)
         if differ:
             raise ValueError(
                 f"torch.compile(backend='resu'): this model is already managed with other "

@@ -168,9 +168,9 @@ class PhaseController:
         self.step_count += 1
         if self.phase is Phase.RESU:
             self.resu_steps += 1
-        if self.schedule.updates_masks_after(self.step_count, self._progress()) and (
-            self._weights_finite("rigl_update", raise_=self.config.nan_policy == "raise")
-        ):
+        if self.schedule.updates_masks_after(
+            self.step_count, self._progress()
+        ) and self._weights_finite("rigl_update"):
             self._rigl_update()
         self.advance()
 
@@ -227,16 +227,17 @@ class PhaseController:
             return
         while (transition := self.schedule.due(self._progress())) is not None:
             reads_weights = transition.kind != "end_cycle"
-            raise_ = self.config.nan_policy == "raise"
-            if reads_weights and not self._weights_finite(transition.kind, raise_=raise_):
+            if reads_weights and not self._weights_finite(transition.kind):
                 self.postponed_transitions += 1
                 self._record("postponed", transition=transition.kind)
                 return
             self._run(transition)
 
-    def _weights_finite(self, purpose: str, *, raise_: bool) -> bool:
-        """Whether every managed weight is finite (one check launch and one host sync); with
-        ``raise_`` a non-finite one raises ``FloatingPointError`` naming it instead."""
+    def _weights_finite(self, purpose: str, *, manual: bool = False) -> bool:
+        """Whether every managed weight is finite (one check launch and one host sync). A
+        non-finite one raises ``FloatingPointError`` naming it for a ``manual`` call or under
+        ``nan_policy="raise"``; else it warns and the caller waits."""
+        raise_ = manual or self.config.nan_policy == "raise"
         weights = list(self.state)
         if weights:
             flag = any_nonfinite([w.param.detach() for w in weights])
@@ -309,7 +310,7 @@ class PhaseController:
                 "prune(): no managed weight found (run a forward pass first; "
                 f"report():\n{self.report()})"
             )
-        self._weights_finite("prune", raise_=True)
+        self._weights_finite("prune", manual=True)
         self._prune(float(target))
 
     def enter_resu(self) -> None:
@@ -319,7 +320,7 @@ class PhaseController:
             raise RuntimeError("enter_resu(): the RESU phase is already running")
         if not self.pruned:
             raise RuntimeError("enter_resu(): nothing is pruned yet; call prune() first")
-        self._weights_finite("enter_resu", raise_=True)
+        self._weights_finite("enter_resu", manual=True)
         self._enter_resu()
 
     def commit(self) -> None:
@@ -329,7 +330,7 @@ class PhaseController:
             raise RuntimeError(
                 f"commit(): only valid in the RESU phase (phase is {self.phase.value})"
             )
-        self._weights_finite("commit", raise_=True)
+        self._weights_finite("commit", manual=True)
         self._commit()
 
     def set_phase(self, phase: Phase | str) -> None:
