@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from resu_compile.compiler.backend import ResuBackend
 from resu_compile.compiler.passes.eligibility import lora_adapter_ids, param_skip_reason
-from resu_compile.compiler.registry import find_controller, track
+from resu_compile.compiler.registry import find_controller, shared_parameter, track, untrack
 from resu_compile.config import ResuConfig
 from resu_compile.runtime.controller import PhaseController
 
@@ -17,7 +18,7 @@ def compile(
     model: torch.nn.Module,
     sparsity: float | None = None,
     *,
-    config: ResuConfig | None = None,
+    config: ResuConfig | Mapping[str, Any] | None = None,
     dynamic: bool | None = None,
     fullgraph: bool = False,
     inplace: bool = False,
@@ -25,10 +26,12 @@ def compile(
 ) -> torch.nn.Module:
     """Compile ``model`` for RESU training; returns the compiled module with a ``.resu`` handle.
 
-    ``options`` are :class:`ResuConfig` fields (or pass ``config=``). Validation happens before
-    anything is changed: a bad option, a model without parameters, a filter that names a
-    non-floating-point weight, or a filter that selects only weights that cannot be managed
-    (listed with their reasons) raises ``ValueError`` and leaves ``model`` as it was.
+    ``options`` are :class:`ResuConfig` fields (or pass ``config=``: a ``ResuConfig`` or a dict
+    of its fields). Validation happens before anything is changed: a bad option or argument, a
+    model without parameters, a filter that names a non-floating-point weight, a filter that
+    selects only weights that cannot be managed (listed with their reasons), a parameter shared
+    with a model already managed, or a class whose ``forward`` Dynamo would no longer compile
+    (its recompile limit is reached) raises and leaves ``model`` as it was, unregistered.
 
     ``inplace=True`` compiles ``model`` itself (``nn.Module.compile``) and returns it: its type,
     ``forward`` signature and ``state_dict`` keys stay those of the original class, which is what
@@ -38,31 +41,54 @@ def compile(
         raise TypeError(
             f"resu.compile: model must be a torch.nn.Module, got {type(model).__name__}"
         )
-    if not isinstance(inplace, bool):
-        raise TypeError(f"resu.compile: inplace must be a bool, got {inplace!r}")
-    if find_controller(model) is not None:
+    for argument, value, allowed in (
+        ("inplace", inplace, (bool,)),
+        ("fullgraph", fullgraph, (bool,)),
+        ("dynamic", dynamic, (bool, type(None))),
+    ):
+        if not isinstance(value, allowed):
+            words = "a bool or None" if argument == "dynamic" else "a bool"
+            raise TypeError(f"resu.compile: {argument} must be {words}, got {value!r}")
+    if find_controller(model) is not None and shared_parameter(model) is None:
         raise ValueError("resu.compile: model is already compiled by resu-compile")
+    _check_not_shared(model)
     if config is not None and (options or sparsity is not None):
         raise ValueError("resu.compile: pass either config= or sparsity/options, not both")
     if config is None:
         if sparsity is not None:
             options["sparsity"] = sparsity
         config = ResuConfig.from_options(options)
+    elif isinstance(config, Mapping):
+        config = ResuConfig.from_options(config)
+    elif not isinstance(config, ResuConfig):
+        raise TypeError(
+            f"resu.compile: config must be a ResuConfig or a dict of its options, got "
+            f"{type(config).__name__}"
+        )
     _check_model(model, config)
+    call = _in_place_call(model) if inplace else None
+    _check_recompile_limit(model, call)
     controller = PhaseController(config, {id(p): n for n, p in model.named_parameters()}, model)
     track(controller, model)
     backend = ResuBackend(controller)
-    if inplace:
-        _compile_in_place(model, backend, dynamic=dynamic, fullgraph=fullgraph)
-        compiled = model
-    else:
-        compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    try:
+        if call is not None:
+            model._compiled_call_impl = torch.compile(
+                call, backend=backend, dynamic=dynamic, fullgraph=fullgraph
+            )
+            compiled = model
+        else:
+            compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    except BaseException:
+        untrack(controller)
+        raise
     compiled.resu = controller
     return compiled
 
 
-def _compile_in_place(model: torch.nn.Module, backend: ResuBackend, **options: Any) -> None:
-    """What ``nn.Module.compile`` does, through a frame of our own.
+def _in_place_call(model: torch.nn.Module) -> Callable[..., Any]:
+    """The frame ``inplace=True`` compiles: what ``nn.Module.compile`` does, through a frame of
+    our own.
 
     ``nn.Module.compile`` compiles ``_call_impl`` directly, and Dynamo skips that frame for the
     classes of ``torch.nn`` itself (``nn.Sequential``: nothing is ever captured, silently). A
@@ -72,7 +98,40 @@ def _compile_in_place(model: torch.nn.Module, backend: ResuBackend, **options: A
     def call(*args: Any, **kwargs: Any) -> Any:
         return model._call_impl(*args, **kwargs)
 
-    model._compiled_call_impl = torch.compile(call, backend=backend, **options)
+    return call
+
+
+def _check_not_shared(model: torch.nn.Module) -> None:
+    """Two controllers must never hold one weight (it would get two masks)."""
+    shared = shared_parameter(model)
+    if shared is not None:
+        name, _, owner = shared
+        holder = type(owner).__name__ if owner is not None else "another model"
+        raise ValueError(
+            f"resu.compile: parameter {name!r} is shared with a model already managed by "
+            f"resu-compile ({holder}); a weight can have only one mask: compile the model that "
+            "contains both, or give each model its own copy of the shared module"
+        )
+
+
+def _check_recompile_limit(model: torch.nn.Module, call: Callable[..., Any] | None) -> None:
+    """Each ``resu.compile`` is a new backend, so Dynamo keeps one more compiled version of the
+    frame it compiles; past ``torch._dynamo.config.recompile_limit`` it silently runs the frame
+    uncompiled, and the resu backend would never see a graph."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    code = call.__code__ if call is not None else getattr(type(model).forward, "__code__", None)
+    if code is None:
+        return
+    limit = torch._dynamo.config.recompile_limit
+    if len(_debug_get_cache_entry_list(code)) >= limit:
+        frame = "the in-place wrapper" if call is not None else f"{type(model).__name__}.forward"
+        raise RuntimeError(
+            f"resu.compile: Dynamo already holds {limit} compiled versions of {frame} in this "
+            f"process (torch._dynamo.config.recompile_limit = {limit}), and each resu.compile "
+            "adds one: this model would run uncompiled, unmanaged; call torch._dynamo.reset() "
+            "before compiling another model (or raise the limit)"
+        )
 
 
 def controller(model: torch.nn.Module) -> PhaseController:

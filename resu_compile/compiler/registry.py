@@ -28,6 +28,14 @@ def track(controller: PhaseController, module: torch.nn.Module | None = None) ->
         _BY_MODULE[module] = controller
 
 
+def untrack(controller: PhaseController) -> None:
+    """Forget ``controller`` (a compile that failed after it was tracked)."""
+    _ALL.discard(controller)
+    for module, owner in list(_BY_MODULE.items()):
+        if owner is controller:
+            del _BY_MODULE[module]
+
+
 def registered(module: torch.nn.Module) -> PhaseController | None:
     """The controller created for ``module`` itself, if any."""
     return _BY_MODULE.get(module)
@@ -67,6 +75,22 @@ def holder_of(params: list[torch.nn.Parameter]) -> PhaseController | None:
     for module, controller in list(_BY_MODULE.items()):
         if any(id(p) in wanted for p in module.parameters()):
             return controller
+    return None
+
+
+def shared_parameter(
+    model: torch.nn.Module,
+) -> tuple[str, PhaseController, torch.nn.Module | None] | None:
+    """A parameter of ``model`` that another model's controller already holds (managed, or in the
+    module it was created for), as (name in ``model``, that controller, its module)."""
+    model = getattr(model, "_orig_mod", model)
+    for name, param in model.named_parameters():
+        owner = owner_of(param)
+        if owner is not None and module_of(owner) is not model:
+            return name, owner, module_of(owner)
+        for module, controller in list(_BY_MODULE.items()):
+            if module is not model and any(p is param for p in module.parameters()):
+                return name, controller, module
     return None
 
 

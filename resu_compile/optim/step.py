@@ -93,6 +93,11 @@ class ManagedStep:
             self._nonfinite_device = None
         return self._nonfinite_host
 
+    def forget_step_counts(self) -> None:
+        """Adam's step counters may have moved outside a managed step (a pause callback's own
+        ``optimizer.step()``, a reloaded optimizer): read them again at the next use."""
+        self._step_counts.forget_all()
+
     def restore_nonfinite_steps(self, count: int) -> None:
         self._nonfinite_device = None
         self._nonfinite_host = count
@@ -198,12 +203,15 @@ class ManagedStep:
             return
         for weight in weights:
             route = current.routes.get(id(weight), NO_MASK)
+            # A weight first used after the RESU entry (a data-dependent branch) has no mask nor
+            # selection: it trains dense, through the optimizer, until the next prune or commit.
+            with_theta = in_resu and weight.select_bits is not None
             # With trainable actives, a weight whose optimizer re-masks would lose its theta:
             # keep a copy, and its theta state in buffers of its own.
-            weight.theta_private = in_resu and route == REMASK
+            weight.theta_private = with_theta and route == REMASK
             if weight.theta_private:
                 current.theta_copies[id(weight)] = weight.param.detach().clone()
-            if in_resu or route == OUR_KERNEL:
+            if with_theta or route == OUR_KERNEL:
                 self._take(current, weight, weight.param)
             elif route == REMASK:
                 # The optimizer steps a masked copy; .grad gets the full G back after the step
@@ -211,6 +219,8 @@ class ManagedStep:
                 grad = weight.param.grad
                 current.remasked.append((weight, grad))
                 weight.param.grad = grad.masked_fill(~weight.mask(), 0)
+        # The optimizer steps every weight not taken, and advances its Adam step counter.
+        self._step_counts.forget([w.param for w in weights if id(w.param) not in current.taken])
         if in_resu and plan.freeze_others:
             managed = {id(w.param) for w in plan.weights}
             for group in optimizer.param_groups:

@@ -64,12 +64,22 @@ class AdamStepCounts:
 
     The kernels take the step as a host number (for the bias corrections). Fused and capturable
     Adam keep ``state["step"]`` on the GPU, where reading it every step would sync the device once
-    per weight; the mirror reads it once (first use, or after the tensor was replaced by a reload)
-    and counts on the host from then on, while the device counter is still advanced in place.
+    per weight; the mirror reads it once (first use, after the tensor was replaced by a reload, or
+    after :meth:`forget`) and counts on the host from then on, while the device counter is still
+    advanced in place. Whoever lets the user's optimizer step a weight (which advances the counter
+    behind the mirror's back) must :meth:`forget` it.
     """
 
     def __init__(self) -> None:
         self._seen: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def forget(self, params: list[torch.Tensor]) -> None:
+        """The next :meth:`advance` of these weights reads their counters again."""
+        for param in params:
+            self._seen.pop(id(param), None)
+
+    def forget_all(self) -> None:
+        self._seen.clear()
 
     def advance(self, params: list[torch.Tensor], steps: list[torch.Tensor]) -> list[int]:
         """Add 1 to every ``steps[i]`` (``params[i]``'s counter) and return the new counts.

@@ -27,6 +27,7 @@ from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
 from resu_compile.runtime.transitions import (
     TransitionContext,
+    check_pattern,
     commit_weights,
     enter_resu_weights,
     input_norms,
@@ -65,6 +66,7 @@ class PhaseController:
         self._param_names = param_names or {}
         self._calibrating = False
         self._sparse_forward = False
+        self._pattern_checked = 0
         self._managed_step = ManagedStep()
 
     # -- what the compiled graphs ask -------------------------------------------------------
@@ -152,12 +154,56 @@ class PhaseController:
         weights = list(self.state)
         if not weights:
             raise ValueError(
-                "step(): no managed weight found (the model must run a forward pass first, and "
-                f"at least one weight must qualify):\n{self.report()}"
+                f"step(): no managed weight found: {self._why_none()}\n{self.report()}"
             )
         self._managed_step.validate(optimizer, weights)
         self.advance()
+        self._check_upcoming(weights)
         self._managed_step.begin(optimizer, self._plan(weights))
+
+    def _check_upcoming(self, weights: list[ManagedWeight]) -> None:
+        """Refuse, before this step's update, what would fail in the transition due after it:
+        a weight an N:M pattern cannot split (checked whenever the managed set grows), or a
+        Wanda score without calibrated input norms."""
+        if len(weights) != self._pattern_checked:
+            check_pattern(self.config, weights)
+            self._pattern_checked = len(weights)
+        if self.config.manual:
+            return
+        upcoming = self.schedule.due(
+            Progress(self.phase, self.cycle, self.step_count + 1, self.pruned)
+        )
+        if upcoming is None:
+            return
+        if upcoming.kind == "prune" and upcoming.criterion == "wanda":
+            purpose = "criterion 'wanda' (the prune due after this step)"
+        elif (
+            upcoming.kind == "commit"
+            and self.config.amnesty
+            and self.config.amnesty_score == "wanda"
+        ):
+            purpose = "amnesty_score 'wanda' (the commit due after this step)"
+        else:
+            return
+        for weight in weights:
+            input_norms(weight, purpose)
+
+    def _why_none(self) -> str:
+        """Why no graph registered a weight: no forward yet, or one that bypassed the backend."""
+        module = self.module()
+        if module is None or all(p.grad is None for p in module.parameters()):
+            return (
+                "no forward pass has run through the compiled model yet (attach() may come "
+                "before the first forward; step() must follow a forward and backward), or no "
+                "weight qualifies"
+            )
+        return (
+            "a backward pass ran, but no graph reached the resu backend: the forward must run "
+            "through the module resu.compile returned, not the original model nor a "
+            "torch.compile() of the result (that compiles it with another backend); Dynamo also "
+            "runs a frame uncompiled past its recompile limit "
+            f"({torch._dynamo.config.recompile_limit}, see the warnings)"
+        )
 
     def _end_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._managed_step.finish(optimizer)
