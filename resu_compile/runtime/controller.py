@@ -20,8 +20,10 @@ import torch
 from resu_compile.config import ResuConfig
 from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.method.schedule import amnesty_budget
+from resu_compile.optim.slots import zero_where_pruned
 from resu_compile.optim.step import ManagedStep, StepPlan
 from resu_compile.optim.theta import ThetaSettings
+from resu_compile.optim.updates import weight_shaped_state
 from resu_compile.runtime import checkpoint
 from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
@@ -67,6 +69,7 @@ class PhaseController:
         self._calibrating = False
         self._sparse_forward = False
         self._pattern_checked = 0
+        self._warned_pause = False
         self._managed_step = ManagedStep()
 
     # -- what the compiled graphs ask -------------------------------------------------------
@@ -323,7 +326,40 @@ class PhaseController:
                 module = self._module() if self._module is not None else None
                 with torch.enable_grad():  # transitions run under no_grad; the stage may train
                     self.config.on_pause(module, finished)
+                self._enforce_masks_after_pause()
                 self.resume()
+
+    def _enforce_masks_after_pause(self) -> None:
+        """A pause callback may train with a plain ``optimizer.step()`` (not through
+        :meth:`step`): the masks are applied again to the weights and to their optimizer state,
+        and Adam's step counters are read afresh. Saying so once points the user to
+        :meth:`step` (or :meth:`attach`), which keeps the masks during the pause too."""
+        weights = [w for w in self.state if w.mask_bits is not None]
+        self._managed_step.forget_step_counts()
+        if not weights:
+            return
+        optimizer = self.optimizer
+        with torch.no_grad():
+            dirty = [
+                w.name
+                for w in weights
+                if any(
+                    bool(t.masked_select(~w.mask()).any())
+                    for t in [
+                        w.param,
+                        *(weight_shaped_state(optimizer, w.param) if optimizer else []),
+                    ]
+                )
+            ]
+            zero_where_pruned(optimizer, weights)
+        if dirty and not self._warned_pause:
+            self._warned_pause = True
+            warnings.warn(
+                f"on_pause: the callback left pruned weights or their optimizer state nonzero "
+                f"({dirty}): it stepped the optimizer outside resu; the masks were applied again. "
+                "Train inside a pause with model.resu.step(optimizer) or an attached optimizer",
+                stacklevel=4,
+            )
 
     def _phase_after_cycle(self) -> Phase:
         return Phase.DONE if self.cycle >= self.config.cycles else Phase.TRAIN
