@@ -321,3 +321,38 @@ def test_a_transition_that_cannot_run_is_refused_before_the_steps_update(
     with pytest.raises((ValueError, RuntimeError), match=message):
         compiled.resu.step(optimizer)
     _assert_unchanged(before, _snapshot(compiled, optimizer))
+
+
+@pytest.mark.parametrize("theta_optimizer", ["sgd", "adamw"])
+def test_clipping_with_the_optimizer_mask_matches_the_graph_mask(theta_optimizer: str) -> None:
+    """The norm must not count the dense gradient of pruned coordinates that ``.grad`` holds in
+    the sparse phases with ``gradient_mask="optimizer"``."""
+    runs = {}
+    for mask, clip in [
+        ("graph", lambda m, c: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.005)),
+        ("optimizer", lambda m, c: c.resu.clip_grad_norm_(0.005)),
+    ]:
+        torch._dynamo.reset()
+        model = ENTRY.build()
+        compiled = resu.compile(
+            model,
+            sparsity=0.5,
+            cycles=2,
+            steps_per_cycle=10,
+            gradient_mask=mask,
+            theta_optimizer=theta_optimizer,
+            compiler="aot_eager",
+        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        norms = []
+        for step in range(20):
+            optimizer.zero_grad(set_to_none=True)
+            ENTRY.loss_fn(compiled(*ENTRY.make_batch(step))).backward()
+            norms.append(float(clip(model, compiled)))
+            compiled.resu.step(optimizer)
+        runs[mask] = (norms, {n: p.detach().clone() for n, p in model.named_parameters()})
+    (graph_norms, graph_params), (norms, params) = runs["graph"], runs["optimizer"]
+    assert min(graph_norms) > 0.005  # every step clipped
+    assert norms == pytest.approx(graph_norms, rel=1e-5)
+    for name, value in graph_params.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ import contextlib
 import warnings
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -256,6 +256,41 @@ class PhaseController:
             and (self.resu_steps == 0 or (refresh > 0 and self.resu_steps % refresh == 0)),
             draws=self._generator,
         )
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        parameters: Iterable[torch.Tensor] | None = None,
+        error_if_nonfinite: bool = False,
+    ) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` of the gradients this step applies (default: every
+        parameter of the compiled model); call it between ``backward()`` and the step.
+
+        With ``gradient_mask="optimizer"`` a managed weight's ``.grad`` holds the dense gradient
+        in the sparse phases (the mask is applied in the optimizer step), so torch's own
+        function would also count the pruned coordinates. Here the norm reads them as 0 wherever
+        ``gradient_mask="graph"`` would have masked them (sparse phases; the RESU phase and
+        RigL's grow step read the dense gradient), so both modes clip alike. ``.grad`` itself
+        keeps the dense values, scaled like the rest.
+        """
+        if parameters is None:
+            module = self.module()
+            if module is None:
+                raise ValueError("clip_grad_norm_(): no model recorded; pass parameters=")
+            parameters = module.parameters()
+        params = [p for p in parameters if p.grad is not None]
+        masked = self.pruned and self.phase is not Phase.RESU and not self.needs_dense_gradient()
+        grads = []
+        for param in params:
+            weight = self.state.get(param) if masked else None
+            if weight is None or weight.mask_bits is None:
+                grads.append(param.grad)
+            else:
+                grads.append(param.grad.masked_fill(~weight.mask(), 0))
+        total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
 
     # -- schedule ---------------------------------------------------------------------------
 
