@@ -390,13 +390,15 @@ def test_pause_without_callback_waits_for_resume() -> None:
 
 
 def test_a_paused_schedule_resumes_from_a_checkpoint() -> None:
-    compiled, _, optimizer = _build(cycles=2, steps_per_cycle=10, pause_after=[0])
+    compiled, model, optimizer = _build(cycles=2, steps_per_cycle=10, pause_after=[0])
     _train(compiled, optimizer, 11)
-    state = compiled.resu.state_dict()
+    saved = (model.state_dict(), optimizer.state_dict(), compiled.resu.state_dict())
     torch._dynamo.reset()
-    fresh, _, fresh_optimizer = _build(cycles=2, steps_per_cycle=10, pause_after=[0])
+    fresh, fresh_model, fresh_optimizer = _build(cycles=2, steps_per_cycle=10, pause_after=[0])
     _backward(fresh, fresh_optimizer, 0)
-    fresh.resu.load_state_dict(state)
+    fresh_model.load_state_dict(saved[0])
+    fresh_optimizer.load_state_dict(saved[1])
+    fresh.resu.load_state_dict(saved[2])
     assert fresh.resu.phase is resu.Phase.PAUSED and fresh.resu.paused_steps == 1
     fresh.resu.resume()
     assert fresh.resu.phase is resu.Phase.TRAIN and fresh.resu.step_count == 10

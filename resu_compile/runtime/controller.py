@@ -70,6 +70,9 @@ class PhaseController:
         self._sparse_forward = False
         self._pattern_checked = 0
         self._warned_pause = False
+        #: What the next step checks of the optimizer's state: "fresh" (a new run), "strict" /
+        #: "warn" (after a load), or nothing.
+        self._optimizer_check: str | None = "fresh"
         self._managed_step = ManagedStep()
 
     # -- what the compiled graphs ask -------------------------------------------------------
@@ -160,9 +163,69 @@ class PhaseController:
                 f"step(): no managed weight found: {self._why_none()}\n{self.report()}"
             )
         self._managed_step.validate(optimizer, weights)
+        if self._optimizer_check is not None:
+            self._check_optimizer_state(optimizer, weights)
         self.advance()
         self._check_upcoming(weights)
         self._managed_step.begin(optimizer, self._plan(weights))
+
+    def _check_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, weights: list[ManagedWeight]
+    ) -> None:
+        """At the first step of a run or after a load: the optimizer's state must belong to the
+        resu state. After a load, a fresh optimizer (no state for the managed weights, which
+        restarts their moments) or state that the masks prune but is nonzero (another
+        checkpoint's) is refused, or with ``strict=False`` warned about; at a fresh start, an
+        optimizer that has stepped already says the resu state was not loaded with it."""
+        mode, self._optimizer_check = self._optimizer_check, None
+        trainable = [w for w in weights if w.param.requires_grad]
+        problems = []
+        if mode == "fresh":
+            taken = max((_steps_taken(optimizer, w.param) for w in trainable), default=0)
+            if taken and not self.pruned and not self.history:
+                warnings.warn(
+                    f"step(): the optimizer has taken {taken} steps already but the resu schedule "
+                    "starts at step 0, dense: if you resumed a run, load model.resu's state_dict "
+                    "saved with it too",
+                    stacklevel=4,
+                )
+            return
+        missing = [
+            w.name
+            for w in trainable
+            if _keeps_state(optimizer, w.param) and not optimizer.state.get(w.param)
+        ]
+        if missing and self.step_count > 0:
+            problems.append(
+                f"the optimizer holds no state for managed weight(s) {missing} although the "
+                f"loaded resu state resumes at step {self.step_count} (a fresh optimizer restarts "
+                "their moments): load the optimizer's state_dict saved with it"
+            )
+        if self.phase is not Phase.RESU:
+            stale = [
+                w.name
+                for w in trainable
+                if w.mask_bits is not None
+                and any(
+                    bool(t.masked_select(~w.mask()).any())
+                    for t in weight_shaped_state(optimizer, w.param)
+                )
+            ]
+            if stale:
+                problems.append(
+                    f"the optimizer's state of {stale} is nonzero where the loaded masks prune: "
+                    "it is not the state saved with this resu state"
+                )
+        if not problems:
+            return
+        message = "step(): " + "; ".join(problems)
+        if mode == "strict":
+            self._optimizer_check = mode
+            raise ValueError(message + " (or load the resu state with strict=False)")
+        warnings.warn(message + "; continuing (strict=False)", stacklevel=4)
+        if self.phase is not Phase.RESU:
+            with torch.no_grad():
+                zero_where_pruned(optimizer, [w for w in trainable if w.mask_bits is not None])
 
     def _check_upcoming(self, weights: list[ManagedWeight]) -> None:
         """Refuse, before this step's update, what would fail in the transition due after it:
@@ -574,13 +637,49 @@ class PhaseController:
             self.config, self.phase, counters, self.history, self.state.state_dict()
         )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; refuses (changing nothing) if it does not fit."""
-        phase, counters = checkpoint.check(state, self.config, self.module())
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore a :meth:`state_dict`; refuses (changing nothing) if it does not fit.
+
+        Load the model's and the optimizer's state saved with it first: the model's weights must
+        be zero where the saved masks prune them, and the next step checks that the optimizer
+        holds state for the managed weights. The whole state is validated before anything is
+        applied (:func:`~resu_compile.runtime.checkpoint.check`). ``strict=False`` loads a state
+        saved with other run options (schedule length, seed, ``gradient_mask``, filters), onto
+        weights the masks must first be applied to, or beside a fresh optimizer, with a warning
+        for each; what the masks mean (method, sparsity, pattern, ...) must always match.
+        """
+        if not isinstance(strict, bool):
+            raise TypeError(f"load_state_dict: strict must be a bool, got {strict!r}")
+        loaded = checkpoint.check(state, self.config, self.module(), strict=strict)
         self.state.load_state_dict(state["weights"])
-        self.phase = phase
+        for message in loaded.warnings:
+            warnings.warn(message, stacklevel=2)
+        with torch.no_grad():
+            for param, pruned in loaded.to_zero:
+                param.masked_fill_(pruned, 0)
+        counters = loaded.counters
+        self.phase = loaded.phase
         self._managed_step.restore_nonfinite_steps(counters.pop("nonfinite_steps"))
+        self._managed_step.forget_step_counts()
         for key, value in counters.items():
             setattr(self, key, value)
         self.history = list(state["history"])
         self.pruned = any("mask_bits" in entry for entry in state["weights"].values())
+        self._optimizer_check = "strict" if strict else "warn"
+
+
+def _keeps_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    """Whether ``optimizer`` keeps state for ``param`` once it has stepped it (plain SGD keeps
+    none)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return True
+    return any(
+        g.get("momentum", 0) != 0
+        for g in optimizer.param_groups
+        if any(p is param for p in g["params"])
+    )
+
+
+def _steps_taken(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    step = optimizer.state.get(param, {}).get("step")
+    return int(step) if step is not None else 0
