@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 
 import resu_compile as resu
@@ -75,3 +78,30 @@ class CheckedStepper:
             assert_resu_invariants(self.controller, self._active_at_entry, self.optimizer)
         else:
             assert_sparse_invariants(self.controller, self.optimizer)
+
+
+def snapshot_run(compiled: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Everything a refused call must leave as it was."""
+    controller = compiled.resu
+    return {
+        "params": {n: p.detach().clone() for n, p in controller.module().named_parameters()},
+        "masks": {n: None if m is None else m.clone() for n, m in controller.masks().items()},
+        "selections": {w.name: w.selection() for w in controller.state},
+        "optimizer": copy.deepcopy(optimizer.state_dict()["state"]),
+        "phase": controller.phase,
+        "step": controller.step_count,
+    }
+
+
+def assert_run_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert after["phase"] is before["phase"] and after["step"] == before["step"]
+    for name, value in before["params"].items():
+        assert torch.equal(after["params"][name], value), name
+    for kind in ("masks", "selections"):
+        for name, bits in before[kind].items():
+            got = after[kind][name]
+            assert (got is None and bits is None) or torch.equal(got, bits), (kind, name)
+    assert before["optimizer"].keys() == after["optimizer"].keys()
+    for index, state in before["optimizer"].items():
+        for key, value in state.items():
+            assert torch.equal(after["optimizer"][index][key], value), (index, key)

@@ -12,7 +12,7 @@ import torch
 import resu_compile as resu
 from resu_compile.compiler import registry
 from resu_compile.optim import updates
-from tests.invariants import assert_sparse_invariants
+from tests.invariants import assert_run_unchanged, assert_sparse_invariants, snapshot_run
 from tests.zoo import ZOO_BY_NAME
 
 ENTRY = ZOO_BY_NAME["mlp"]
@@ -102,31 +102,6 @@ def test_recompiling_a_managed_model_with_other_options_is_refused() -> None:
     with pytest.raises(Exception, match="sparsity differ"):
         again(*ENTRY.make_batch(1))
     assert resu.controller(model).config.sparsity == 0.5
-
-
-def _snapshot(compiled: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
-    """Everything a refused call must leave as it was."""
-    controller = compiled.resu
-    return {
-        "params": {n: p.detach().clone() for n, p in controller.module().named_parameters()},
-        "masks": {n: None if m is None else m.clone() for n, m in controller.masks().items()},
-        "optimizer": copy.deepcopy(optimizer.state_dict()["state"]),
-        "phase": controller.phase,
-        "step": controller.step_count,
-    }
-
-
-def _assert_unchanged(before: dict[str, object], after: dict[str, object]) -> None:
-    assert after["phase"] is before["phase"] and after["step"] == before["step"]
-    for name, value in before["params"].items():
-        assert torch.equal(after["params"][name], value), name
-    for name, mask in before["masks"].items():
-        got = after["masks"][name]
-        assert (got is None and mask is None) or torch.equal(got, mask), name
-    assert before["optimizer"].keys() == after["optimizer"].keys()
-    for index, state in before["optimizer"].items():
-        for key, value in state.items():
-            assert torch.equal(after["optimizer"][index][key], value), (index, key)
 
 
 def test_adam_bias_correction_uses_the_optimizers_own_step_with_a_graph_mask(
@@ -317,10 +292,10 @@ def test_a_transition_that_cannot_run_is_refused_before_the_steps_update(
     _train(compiled, optimizer, steps - (1 if options.get("amnesty_score") else 0))
     optimizer.zero_grad(set_to_none=True)
     ENTRY.loss_fn(compiled(*ENTRY.make_batch(steps))).backward()
-    before = _snapshot(compiled, optimizer)
+    before = snapshot_run(compiled, optimizer)
     with pytest.raises((ValueError, RuntimeError), match=message):
         compiled.resu.step(optimizer)
-    _assert_unchanged(before, _snapshot(compiled, optimizer))
+    assert_run_unchanged(before, snapshot_run(compiled, optimizer))
 
 
 @pytest.mark.parametrize("theta_optimizer", ["sgd", "adamw"])
