@@ -106,6 +106,28 @@ def zero_where_pruned(
     zero_where_clear_(tensors, bits)
 
 
+def reapply_masks(
+    optimizer: torch.optim.Optimizer | None, weights: Sequence[ManagedWeight]
+) -> list[str]:
+    """:func:`zero_where_pruned` after something outside the managed step may have written the
+    pruned coordinates (a plain ``optimizer.step()``); returns the names of the weights whose
+    value or state was nonzero there (a host sync per tensor: for rare events only)."""
+    dirty = []
+    for weight in weights:
+        if weight.mask_bits is None:
+            continue
+        pruned = ~weight.mask()
+        tensors = [
+            weight.param,
+            *(weight_shaped_state(optimizer, weight.param) if optimizer else []),
+        ]
+        if any(bool(t.detach().masked_select(pruned).any()) for t in tensors):
+            dirty.append(weight.name)
+    with torch.no_grad():
+        zero_where_pruned(optimizer, weights)
+    return dirty
+
+
 def zero_coordinates(
     optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor
 ) -> None:

@@ -17,7 +17,9 @@ import torch
 
 from resu_compile.config import ResuConfig
 from resu_compile.kernels.bits import packed_numel, unpack_bits
+from resu_compile.optim.updates import weight_shaped_state
 from resu_compile.runtime.phase import Phase
+from resu_compile.state import ManagedWeight
 
 FORMAT = 3
 
@@ -254,6 +256,65 @@ def _check_weights(
         if strict:
             raise ValueError(message + " (or pass strict=False to apply the masks to them)")
         loaded.warnings.append(message + "; the masks were applied to them (strict=False)")
+
+
+def optimizer_problems(
+    optimizer: torch.optim.Optimizer,
+    weights: list[ManagedWeight],
+    *,
+    resumed_at: int,
+    in_resu: bool,
+) -> list[str]:
+    """What is wrong with the optimizer's state of the (trainable) managed ``weights`` after a
+    resu state was loaded: none at all although the run resumes mid-way (a fresh optimizer
+    restarts their moments), or nonzero where the loaded masks prune (another run's state;
+    checked outside the RESU phase, where theta's moments live on the pruned coordinates)."""
+    problems = []
+    missing = [
+        w.name
+        for w in weights
+        if _keeps_state(optimizer, w.param) and not optimizer.state.get(w.param)
+    ]
+    if missing and resumed_at > 0:
+        problems.append(
+            f"the optimizer holds no state for managed weight(s) {missing} although the loaded "
+            f"resu state resumes at step {resumed_at} (a fresh optimizer restarts their "
+            "moments): load the optimizer's state_dict saved with it"
+        )
+    if not in_resu:
+        stale = [
+            w.name
+            for w in weights
+            if w.mask_bits is not None
+            and any(
+                bool(t.masked_select(~w.mask()).any())
+                for t in weight_shaped_state(optimizer, w.param)
+            )
+        ]
+        if stale:
+            problems.append(
+                f"the optimizer's state of {stale} is nonzero where the loaded masks prune: it "
+                "is not the state saved with this resu state"
+            )
+    return problems
+
+
+def steps_taken(optimizer: torch.optim.Optimizer, weights: list[ManagedWeight]) -> int:
+    """The most optimizer steps any of ``weights`` has taken (its ``state["step"]``)."""
+    steps = [optimizer.state.get(w.param, {}).get("step") for w in weights]
+    return max((int(step) for step in steps if step is not None), default=0)
+
+
+def _keeps_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    """Whether ``optimizer`` keeps state for ``param`` once it has stepped it (SGD without
+    momentum keeps none)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return True
+    return any(
+        g.get("momentum", 0) != 0
+        for g in optimizer.param_groups
+        if any(p is param for p in g["params"])
+    )
 
 
 def _require(condition: bool, key: str, allowed: str, state: dict[str, Any]) -> None:

@@ -20,10 +20,9 @@ import torch
 from resu_compile.config import ResuConfig
 from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.method.schedule import amnesty_budget
-from resu_compile.optim.slots import zero_where_pruned
+from resu_compile.optim.slots import reapply_masks, zero_where_pruned
 from resu_compile.optim.step import ManagedStep, StepPlan
 from resu_compile.optim.theta import ThetaSettings
-from resu_compile.optim.updates import weight_shaped_state
 from resu_compile.runtime import checkpoint
 from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
@@ -172,17 +171,16 @@ class PhaseController:
     def _check_optimizer_state(
         self, optimizer: torch.optim.Optimizer, weights: list[ManagedWeight]
     ) -> None:
-        """At the first step of a run or after a load: the optimizer's state must belong to the
-        resu state. After a load, a fresh optimizer (no state for the managed weights, which
-        restarts their moments) or state that the masks prune but is nonzero (another
-        checkpoint's) is refused, or with ``strict=False`` warned about; at a fresh start, an
-        optimizer that has stepped already says the resu state was not loaded with it."""
+        """At the first step of a run, or the first after a load: the optimizer's state must
+        belong to the resu state (:func:`checkpoint.optimizer_problems`). After a load a problem
+        is refused (the check runs again at the next step), or with ``strict=False`` warned about
+        and the masks applied to the state; at a fresh start, an optimizer that has stepped
+        already says that a resumed run did not load the resu state."""
         mode, self._optimizer_check = self._optimizer_check, None
         trainable = [w for w in weights if w.param.requires_grad]
-        problems = []
         if mode == "fresh":
-            taken = max((_steps_taken(optimizer, w.param) for w in trainable), default=0)
-            if taken and not self.pruned and not self.history:
+            taken = checkpoint.steps_taken(optimizer, trainable)
+            if taken:
                 warnings.warn(
                     f"step(): the optimizer has taken {taken} steps already but the resu schedule "
                     "starts at step 0, dense: if you resumed a run, load model.resu's state_dict "
@@ -190,32 +188,9 @@ class PhaseController:
                     stacklevel=4,
                 )
             return
-        missing = [
-            w.name
-            for w in trainable
-            if _keeps_state(optimizer, w.param) and not optimizer.state.get(w.param)
-        ]
-        if missing and self.step_count > 0:
-            problems.append(
-                f"the optimizer holds no state for managed weight(s) {missing} although the "
-                f"loaded resu state resumes at step {self.step_count} (a fresh optimizer restarts "
-                "their moments): load the optimizer's state_dict saved with it"
-            )
-        if self.phase is not Phase.RESU:
-            stale = [
-                w.name
-                for w in trainable
-                if w.mask_bits is not None
-                and any(
-                    bool(t.masked_select(~w.mask()).any())
-                    for t in weight_shaped_state(optimizer, w.param)
-                )
-            ]
-            if stale:
-                problems.append(
-                    f"the optimizer's state of {stale} is nonzero where the loaded masks prune: "
-                    "it is not the state saved with this resu state"
-                )
+        problems = checkpoint.optimizer_problems(
+            optimizer, trainable, resumed_at=self.step_count, in_resu=self.phase is Phase.RESU
+        )
         if not problems:
             return
         message = "step(): " + "; ".join(problems)
@@ -225,7 +200,7 @@ class PhaseController:
         warnings.warn(message + "; continuing (strict=False)", stacklevel=4)
         if self.phase is not Phase.RESU:
             with torch.no_grad():
-                zero_where_pruned(optimizer, [w for w in trainable if w.mask_bits is not None])
+                zero_where_pruned(optimizer, trainable)
 
     def _check_upcoming(self, weights: list[ManagedWeight]) -> None:
         """Refuse, before this step's update, what would fail in the transition due after it:
@@ -432,24 +407,8 @@ class PhaseController:
         :meth:`step`): the masks are applied again to the weights and to their optimizer state,
         and Adam's step counters are read afresh. Saying so once points the user to
         :meth:`step` (or :meth:`attach`), which keeps the masks during the pause too."""
-        weights = [w for w in self.state if w.mask_bits is not None]
         self._managed_step.forget_step_counts()
-        if not weights:
-            return
-        optimizer = self.optimizer
-        with torch.no_grad():
-            dirty = [
-                w.name
-                for w in weights
-                if any(
-                    bool(t.masked_select(~w.mask()).any())
-                    for t in [
-                        w.param,
-                        *(weight_shaped_state(optimizer, w.param) if optimizer else []),
-                    ]
-                )
-            ]
-            zero_where_pruned(optimizer, weights)
+        dirty = reapply_masks(self.optimizer, list(self.state))
         if dirty and not self._warned_pause:
             self._warned_pause = True
             warnings.warn(
@@ -666,20 +625,3 @@ class PhaseController:
         self.history = list(state["history"])
         self.pruned = any("mask_bits" in entry for entry in state["weights"].values())
         self._optimizer_check = "strict" if strict else "warn"
-
-
-def _keeps_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
-    """Whether ``optimizer`` keeps state for ``param`` once it has stepped it (plain SGD keeps
-    none)."""
-    if not isinstance(optimizer, torch.optim.SGD):
-        return True
-    return any(
-        g.get("momentum", 0) != 0
-        for g in optimizer.param_groups
-        if any(p is param for p in g["params"])
-    )
-
-
-def _steps_taken(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
-    step = optimizer.state.get(param, {}).get("step")
-    return int(step) if step is not None else 0
