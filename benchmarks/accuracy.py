@@ -96,6 +96,7 @@ def _without_resu_phase() -> dict[str, Any]:
         "cycles": default.cycles,
         "schedule": default.schedule,
         "phase_fractions": default.phase_fractions,
+        "distribution": default.distribution,
     }
 
 
@@ -194,6 +195,8 @@ def final_prune_step(options: Mapping[str, Any]) -> int | None:
     methods without a magnitude prune (dense; RigL, whose one prune is its random initial mask)."""
     config = resu.ResuConfig.from_options(dict(options))
     train = config.phase_steps[0]
+    if config.method == "resu" and not config.amnesty:  # the re-prune after the last merge
+        return config.cycles * config.cycle_length
     if config.method in ("resu", "gmp"):
         return (config.cycles - 1) * config.cycle_length + train
     if config.method == "oneshot":
@@ -346,6 +349,7 @@ def _train(
         "sparsity": run.sparsity,
         "seed": run.seed,
         "options": json.loads(json.dumps(options)),
+        "config": resolved_config(options),
         "steps": steps,
         "metric": metric,
         "before_final_prune": before_final_prune,
@@ -751,17 +755,30 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def run_key(method: str, sparsity: float | None, seed: int, options: Mapping[str, Any]) -> str:
-    """What makes two runs the same run: label, sparsity, seed and every compile option."""
-    return json.dumps([method, sparsity, seed, options], sort_keys=True)
+def label_options(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished run's label options: its compile options without those of the run itself
+    (step budget, seed, compiler, sparsity), so a kept record still says what its label means."""
+    per_run = {"total_steps", "seed", "compiler", "sparsity"}
+    return {k: v for k, v in record["options"].items() if k not in per_run}
+
+
+def resolved_config(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option ``resu.compile`` resolves ``options`` to, defaults included, so that a
+    changed library default makes a different run."""
+    return json.loads(json.dumps(resu.ResuConfig.from_options(dict(options)).to_dict()))
+
+
+def run_key(method: str, sparsity: float | None, seed: int, config: Mapping[str, Any]) -> str:
+    """What makes two runs the same run: label, sparsity, seed and the resolved options."""
+    return json.dumps([method, sparsity, seed, config], sort_keys=True)
 
 
 def record_key(record: Mapping[str, Any]) -> str | None:
-    """The :func:`run_key` of a finished run's record (None for records from before options were
-    recorded, which never match)."""
-    if "options" not in record:
+    """The :func:`run_key` of a finished run's record (None for records from before the resolved
+    options were recorded, which never match)."""
+    if "config" not in record:
         return None
-    return run_key(record["method"], record["sparsity"], record["seed"], record["options"])
+    return run_key(record["method"], record["sparsity"], record["seed"], record["config"])
 
 
 def remaining(
@@ -773,8 +790,8 @@ def remaining(
     planned label, sparsity and seed under other options is superseded and dropped."""
     planned = {}
     for run in runs:
-        options = json.loads(json.dumps(compile_options(run, compiler)))
-        planned[run_key(run.method, run.sparsity, run.seed, options)] = run
+        config = resolved_config(compile_options(run, compiler))
+        planned[run_key(run.method, run.sparsity, run.seed, config)] = run
     slots = {(run.method, run.sparsity, run.seed) for run in runs}
     kept, done = [], set()
     for record in earlier:
@@ -923,6 +940,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _sparsities(planned: Sequence[float], records: Sequence[dict[str, Any]]) -> list[float]:
+    """The planned sparsities and those of the records kept from an earlier file, in order."""
+    kept = {r["sparsity"] for r in records if r.get("sparsity") is not None}
+    return sorted(set(planned) | kept)
+
+
 def _load_earlier(path: Path, task: Task, flag: str) -> dict[str, Any]:
     earlier = json.loads(path.read_text())
     if earlier["task"] != task.name or earlier["steps"] != task.steps:
@@ -1011,6 +1034,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             **execute_args,
         )
 
+    runs_labels = list(dict.fromkeys(run.method for run in runs))
+
     def result_of(records: Sequence[dict[str, Any] | None], partial: bool) -> dict[str, Any]:
         done = kept + [r for r in records if r is not None]
         labels = dict.fromkeys(r["method"] for r in done)
@@ -1042,15 +1067,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "trace_limit": task.trace_limit,
             "schedule_fraction": SCHEDULE_FRACTION,
             "methods": {
-                m: {**METHODS.get(m, {}), **variants.get(m, {})}
-                for m in labels
-                if m in METHODS or m in variants
+                **{r["method"]: label_options(r) for r in done if "options" in r},
+                **{
+                    m: {**METHODS.get(m, {}), **variants.get(m, {})}
+                    for m in labels
+                    if m in runs_labels
+                },
             },
             "wall_seconds": time.perf_counter() - start,
             "pretrained": [r for r in pretrain_records if "error" not in r],
             "runs": [r for r in done if "error" not in r],
             "errors": [r for r in [*pretrain_records, *done] if "error" in r],
-            "summary": summarize(task, done, args.sparsities),
+            "summary": summarize(task, done, _sparsities(args.sparsities, done)),
         }
 
     records = execute(

@@ -345,19 +345,20 @@ def prune_one_shot(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
     return pruned
 
 
-def layer_rows(masks: dict[str, torch.Tensor | None], sparsity: float) -> list[dict[str, Any]]:
-    """Per managed weight: final sparsity, and active count against the exact expected one."""
+def layer_rows(controller: resu.PhaseController) -> list[dict[str, Any]]:
+    """Per managed weight: final sparsity, and the active count its mask holds against the share
+    its last prune gave it (the layer distribution decides the shares; their sum is exact)."""
     rows = []
-    for name, mask in masks.items():
-        numel = mask.numel() if mask is not None else 0
-        active = int(mask.sum()) if mask is not None else numel
+    for weight in controller.state:
+        mask = weight.mask()
+        active = int(mask.sum()) if mask is not None else weight.numel
         rows.append(
             {
-                "layer": name,
-                "shape": list(mask.shape) if mask is not None else None,
-                "sparsity": 1.0 - active / numel if numel else 0.0,
+                "layer": weight.name,
+                "shape": list(weight.shape),
+                "sparsity": 1.0 - active / weight.numel,
                 "active": active,
-                "expected_active": int((1.0 - sparsity) * numel),
+                "expected_active": weight.keep_target,
             }
         )
     return rows
@@ -437,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "phases": phases,
         "curves": {"dense": dense_log.curve, "resu": resu_log.curve},
-        "layers": layer_rows(cm.resu.masks(), settings.sparsity),
+        "layers": layer_rows(cm.resu),
         "cycles": totals_by_cycle(cm.resu),
         "history": cm.resu.history,
         "report": cm.resu.report(),

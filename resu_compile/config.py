@@ -28,6 +28,10 @@ THETA_OPTIMIZERS = ("sgd", "momentum", "adamw")
 AMNESTY_SCORES = ("magnitude", "gradient", "wanda")
 NAN_POLICIES = ("skip", "raise")
 GRADIENT_MASKS = ("graph", "optimizer")
+#: How each method shares its sparsity among layers unless ``distribution`` says otherwise: RESU
+#: one global magnitude threshold (README "Defaults from evidence"), RigL its paper's ERK, the
+#: others (GMP, one-shot) the same sparsity in every layer.
+DEFAULT_DISTRIBUTIONS = {"resu": "global", "rigl": "erk"}
 SECTIONS = ("method", "schedule", "weights", "pruning", "resu", "amnesty", "rigl", "runtime")
 
 
@@ -204,7 +208,8 @@ class ResuConfig:
         if self.schedule is None:  # README "Defaults from evidence": cubic for every method
             object.__setattr__(self, "schedule", "constant" if self.pattern else "cubic")
         if self.distribution is None:
-            object.__setattr__(self, "distribution", "erk" if self.method == "rigl" else "uniform")
+            default = DEFAULT_DISTRIBUTIONS.get(self.method, "uniform")
+            object.__setattr__(self, "distribution", default)
         for f in dataclasses.fields(self):
             check = f.metadata["check"]
             value = getattr(self, f.name)

@@ -8,7 +8,27 @@ from typing import Any
 import torch
 
 import resu_compile as resu
+from resu_compile.method.schedule import keep_count
 from resu_compile.optim.updates import weight_shaped_state
+
+
+def assert_exact_counts(controller: resu.PhaseController, sparsity: float) -> None:
+    """The actives the layer distribution promises at ``sparsity``, counted from the masks:
+    ``int((1 - s) * N)`` in every layer (uniform, N:M), or in all layers together (global, ERK)
+    with every layer at the share its prune gave it."""
+    weights = [w for w in controller.state if w.mask() is not None]
+    assert weights, "no weight was pruned"
+    for weight in weights:
+        assert int(weight.mask().sum()) == weight.active_count(), weight.name
+    if controller.config.distribution == "uniform" or controller.config.nm is not None:
+        for weight in weights:
+            expected = keep_count(weight.numel, sparsity)
+            assert weight.active_count() == expected, (weight.name, weight.active_count(), expected)
+        return
+    total = sum(w.numel for w in weights)
+    assert sum(w.active_count() for w in weights) == keep_count(total, sparsity)
+    for weight in weights:
+        assert weight.active_count() == weight.keep_target, weight.name
 
 
 def assert_sparse_invariants(

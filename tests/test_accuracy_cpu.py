@@ -246,13 +246,15 @@ def test_resume_keeps_finished_runs_and_plans_the_rest():
     def record(run: accuracy.Run, **extra: Any) -> dict[str, Any]:
         options = json.loads(json.dumps(accuracy.compile_options(run, "aot_eager")))
         base = {"method": run.method, "sparsity": run.sparsity, "seed": run.seed}
-        return {**base, "options": options, "metric": 1.0, **extra}
+        config = accuracy.resolved_config(options)
+        return {**base, "options": options, "config": config, "metric": 1.0, **extra}
 
     def find(method: str, sparsity: float | None, seed: int) -> accuracy.Run:
         return next(r for r in runs if (r.method, r.sparsity, r.seed) == (method, sparsity, seed))
 
     dense0, resu0 = find("dense", None, 0), find("resu", 0.7, 0)
-    stale = {**record(find("gmp", 0.7, 0)), "options": {"method": "gmp", "cycles": 2}}
+    stale = {**record(find("gmp", 0.7, 0))}
+    stale["config"] = {**stale["config"], "cycles": 2}
     earlier = [
         record(dense0, no_recovery={"0.7": 1.0, "0.9": 1.0}),
         record(resu0),
@@ -265,6 +267,9 @@ def test_resume_keeps_finished_runs_and_plans_the_rest():
     assert kept == [earlier[0], earlier[1], earlier[5]]
     assert todo == [r for r in runs if r not in (dense0, resu0)]
     assert accuracy.remaining(runs, [], "aot_eager") == (runs, [])
+    # The same label and options under another library default is another run.
+    moved = {**earlier[1], "config": {**earlier[1]["config"], "distribution": "uniform"}}
+    assert resu0 in accuracy.remaining(runs, [moved], "aot_eager")[0]
 
 
 def test_main_resumes_from_its_partial_result(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import resu_compile as resu
-from tests.invariants import assert_sparse_invariants
+from tests.invariants import assert_exact_counts, assert_sparse_invariants
 
 
 class _Net(torch.nn.Module):
@@ -54,8 +54,7 @@ def test_inplace_compiles_the_module_itself_and_attach_before_forward_works(buil
     assert controller.step_count == 12
     masks = controller.masks()
     assert len(masks) == 2
-    for weight in controller.state:
-        assert weight.active_count() == weight.numel // 2
+    assert_exact_counts(controller, 0.5)
     assert_sparse_invariants(controller, optimizer)
 
 

@@ -324,7 +324,9 @@ def test_n_m_pattern_refuses_layers_whose_inputs_do_not_divide() -> None:
 
 def test_densification_list_is_followed_cycle_by_cycle() -> None:
     schedule = [0.8, 0.5, 0.2]
-    compiled, _, optimizer = _build(sparsity=0.8, schedule=schedule, cycles=3, steps_per_cycle=10)
+    compiled, _, optimizer = _build(
+        sparsity=0.8, schedule=schedule, cycles=3, steps_per_cycle=10, distribution="uniform"
+    )
     _train(compiled, optimizer, 30)
     commits = [entry for entry in compiled.resu.history if entry["event"] == "commit"]
     assert [entry["layers"]["fc1.weight"]["target"] for entry in commits] == schedule

@@ -16,7 +16,13 @@ def _run(seed: int) -> dict[str, Any]:
     entry = ZOO_BY_NAME["mlp"]
     model = entry.build()
     compiled = resu.compile(
-        model, sparsity=0.7, cycles=2, steps_per_cycle=10, seed=seed, compiler="aot_eager"
+        model,
+        sparsity=0.7,
+        cycles=2,
+        steps_per_cycle=10,
+        seed=seed,
+        compiler="aot_eager",
+        distribution="uniform",  # per-layer counts that do not depend on the weights
     )
     controller = compiled.resu
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import resu_compile as resu
-from tests.invariants import CheckedStepper
+from tests.invariants import CheckedStepper, assert_exact_counts
 from tests.zoo import ZOO_BY_NAME
 
 OPTIMIZERS = {
@@ -66,8 +66,7 @@ def test_invariants_hold_after_every_step(
     assert len(controller.resurrected_per_cycle()) == 3
     assert controller.phase is resu.Phase.DONE
     assert all(count > 0 for count in controller.resurrected_per_cycle())
-    for weight in controller.state:
-        assert weight.active_count() == int(0.3 * weight.numel)
+    assert_exact_counts(controller, 0.7)
 
 
 def test_resu_phase_moves_only_selected_theta_and_freezes_everything_else() -> None:
@@ -138,6 +137,4 @@ def test_invariants_hold_in_bfloat16(precision: str) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stepper.step()
-    for weight in controller.state:
-        assert weight.active_count() == int(0.3 * weight.numel)
-        assert int(weight.mask().sum()) == int(0.3 * weight.numel)
+    assert_exact_counts(controller, 0.7)

@@ -12,7 +12,7 @@ import resu_compile as resu
 from resu_compile.compiler.passes.eligibility import LORA_REASON
 from resu_compile.method.schedule import keep_count
 
-OPTIONS = {"sparsity": 0.5, "manual": True, "compiler": "aot_eager"}
+OPTIONS = {"sparsity": 0.5, "manual": True, "compiler": "aot_eager", "distribution": "uniform"}
 BASE = ["fc1.base_layer.weight", "fc2.base_layer.weight"]
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import resu_compile as resu
 import resu_compile.compiler.backend as backend
 from resu_compile.kernels.graph_ops import accumulate_input_sq_norms, mask_gradient
+from tests.invariants import assert_exact_counts
 from tests.zoo import ZOO_BY_NAME
 
 
@@ -184,5 +185,24 @@ def test_automatic_schedule_runs_the_phases_at_the_configured_steps() -> None:
         ("resu", 17),
         ("commit", 20),
     ]
+    assert_exact_counts(compiled.resu, 0.6)
+
+
+def test_without_amnesty_the_last_merge_is_re_pruned_to_the_target() -> None:
+    """METHOD.md: without amnesty all theta merge and the next PRUNE re-prunes; after the last
+    cycle that PRUNE runs at the commit, so the run ends at its sparsity, not denser."""
+    entry = ZOO_BY_NAME["mlp"]
+    model = entry.build()
+    compiled = resu.compile(
+        model, sparsity=0.6, cycles=2, steps_per_cycle=10, amnesty=False, compiler="aot_eager"
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(20):
+        _train_step(compiled, model, optimizer, entry.make_batch(0))
+    events = [(e["event"], e["step"]) for e in compiled.resu.history]
+    assert events[-2:] == [("commit", 20), ("prune", 20)]
+    first_commit = next(e for e in compiled.resu.history if e["event"] == "commit")
+    assert any(layer["resurrected"] > 0 for layer in first_commit["layers"].values())
+    assert_exact_counts(compiled.resu, 0.6)
     for weight in compiled.resu.state:
-        assert weight.active_count() == int((1 - 0.6) * weight.numel)
+        assert torch.all(weight.param.detach()[~weight.mask()] == 0)

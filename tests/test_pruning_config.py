@@ -12,8 +12,10 @@ from tests.zoo import ZOO_BY_NAME
 
 
 def _compiled(**options):
+    """A manual MLP controller; the layer rule is uniform unless a test asks for another."""
     entry = ZOO_BY_NAME["mlp"]
     model = entry.build()
+    options = {"distribution": "uniform", **options}
     compiled = resu.compile(model, sparsity=0.6, manual=True, compiler="aot_eager", **options)
     compiled(*entry.make_batch(0))
     return entry, model, compiled

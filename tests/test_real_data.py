@@ -39,7 +39,9 @@ def test_full_schedule_on_fashion_mnist_resurrects_and_beats_pruning_without_rec
     assert results["dataset"] == "fashion-mnist"
     assert len(results["cycles"]) == CYCLES
     assert all(cycle["resurrected"] > 0 for cycle in results["cycles"]), results["cycles"]
+    numel = sum(math.prod(layer["shape"]) for layer in results["layers"])
+    assert sum(layer["active"] for layer in results["layers"]) == int((1 - SPARSITY) * numel)
     for layer in results["layers"]:
-        assert layer["active"] == int((1 - SPARSITY) * math.prod(layer["shape"])), layer
+        assert layer["active"] == layer["expected_active"], layer
     accuracy = results["accuracy"]
     assert accuracy["resu"] > accuracy["pruned_no_recovery"], accuracy

@@ -12,7 +12,12 @@ import torch
 import resu_compile as resu
 from resu_compile.compiler import registry
 from resu_compile.optim import updates
-from tests.invariants import assert_run_unchanged, assert_sparse_invariants, snapshot_run
+from tests.invariants import (
+    assert_exact_counts,
+    assert_run_unchanged,
+    assert_sparse_invariants,
+    snapshot_run,
+)
 from tests.zoo import ZOO_BY_NAME
 
 ENTRY = ZOO_BY_NAME["mlp"]
@@ -69,9 +74,9 @@ def test_a_scheduled_prune_waits_for_finite_weights_and_then_keeps_exact_counts(
     _train(compiled, optimizer, 1)
     prunes = [e for e in compiled.resu.history if e["event"] == "prune"]
     assert len(prunes) == 1
+    assert_exact_counts(compiled.resu, 0.5)
     for weight in compiled.resu.state:
         mask = weight.mask()
-        assert int(mask.sum()) == weight.numel // 2
         assert weight.sparsity() == pytest.approx(1 - int(mask.sum()) / weight.numel)
         assert prunes[0]["layers"][weight.name] == weight.sparsity()
 
