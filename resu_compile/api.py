@@ -7,10 +7,12 @@ from typing import Any
 import torch
 
 from resu_compile.compiler.backend import ResuBackend
+from resu_compile.compiler.distributed import compile_sharded_forwards, ddp_inner, is_sharded
 from resu_compile.compiler.passes.eligibility import lora_adapter_ids, param_skip_reason
 from resu_compile.compiler.registry import find_controller, track
 from resu_compile.config import ResuConfig
 from resu_compile.runtime.controller import PhaseController
+from resu_compile.runtime.distributed import check_sharded_config
 
 
 def compile(
@@ -33,6 +35,13 @@ def compile(
     ``inplace=True`` compiles ``model`` itself (``nn.Module.compile``) and returns it: its type,
     ``forward`` signature and ``state_dict`` keys stay those of the original class, which is what
     frameworks that inspect the model (the HF ``Trainer``) need.
+
+    Distributed models are compiled where Dynamo can see their weights, and returned themselves
+    (as with ``inplace=True``): a ``DistributedDataParallel`` model has its inner ``.module``
+    compiled in place (names and masks are those of the inner module, as for
+    ``DDP(resu.compile(model))``); a model sharded with FSDP2's ``fully_shard`` has the forward of
+    every sharded module compiled in place, between FSDP's hooks (see
+    :mod:`resu_compile.compiler.distributed`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -40,7 +49,9 @@ def compile(
         )
     if not isinstance(inplace, bool):
         raise TypeError(f"resu.compile: inplace must be a bool, got {inplace!r}")
-    if find_controller(model) is not None:
+    inner = ddp_inner(model)
+    target = inner if inner is not None else model
+    if find_controller(model) is not None or find_controller(target) is not None:
         raise ValueError("resu.compile: model is already compiled by resu-compile")
     if config is not None and (options or sparsity is not None):
         raise ValueError("resu.compile: pass either config= or sparsity/options, not both")
@@ -48,11 +59,20 @@ def compile(
         if sparsity is not None:
             options["sparsity"] = sparsity
         config = ResuConfig.from_options(options)
-    _check_model(model, config)
-    controller = PhaseController(config, {id(p): n for n, p in model.named_parameters()}, model)
-    track(controller, model)
+    _check_model(target, config)
+    sharded = is_sharded(target)
+    if sharded:
+        check_sharded_config(config)
+    controller = PhaseController(config, {id(p): n for n, p in target.named_parameters()}, target)
+    track(controller, target)
     backend = ResuBackend(controller)
-    if inplace:
+    if inner is not None or sharded:
+        if sharded:
+            compile_sharded_forwards(target, backend, dynamic=dynamic, fullgraph=fullgraph)
+        else:
+            _compile_in_place(target, backend, dynamic=dynamic, fullgraph=fullgraph)
+        compiled = model
+    elif inplace:
         _compile_in_place(model, backend, dynamic=dynamic, fullgraph=fullgraph)
         compiled = model
     else:

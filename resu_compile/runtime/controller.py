@@ -23,6 +23,7 @@ from resu_compile.method.schedule import amnesty_budget
 from resu_compile.optim.step import ManagedStep, StepPlan
 from resu_compile.optim.theta import ThetaSettings
 from resu_compile.runtime import checkpoint
+from resu_compile.runtime.distributed import any_rank, check_sharded_optimizer
 from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
 from resu_compile.runtime.transitions import (
@@ -33,6 +34,7 @@ from resu_compile.runtime.transitions import (
     prune_weights,
     regrow_weights,
 )
+from resu_compile.shards import local
 from resu_compile.state import ManagedWeight, StateManager
 from resu_compile.views.export import export_state_dict
 from resu_compile.views.report import render_report
@@ -156,6 +158,7 @@ class PhaseController:
                 f"at least one weight must qualify):\n{self.report()}"
             )
         self._managed_step.validate(optimizer, weights)
+        check_sharded_optimizer(optimizer, weights)
         self.advance()
         self._managed_step.begin(optimizer, self._plan(weights))
 
@@ -177,6 +180,7 @@ class PhaseController:
     def _plan(self, weights: list[ManagedWeight]) -> StepPlan:
         config = self.config
         in_resu = self.phase is Phase.RESU
+        sharded = any(w.shard is not None for w in weights)
         return StepPlan(
             weights=weights,
             theta=self._theta_settings() if in_resu else None,
@@ -185,6 +189,7 @@ class PhaseController:
             mask_in_optimizer=config.gradient_mask == "optimizer",
             freeze_others=config.freeze_others,
             raise_on_nonfinite=config.nan_policy == "raise",
+            agree_nonfinite=(lambda flag: any_rank(flag, weights)) if sharded else None,
         )
 
     def _theta_settings(self) -> ThetaSettings:
@@ -240,9 +245,12 @@ class PhaseController:
         raise_ = manual or self.config.nan_policy == "raise"
         weights = list(self.state)
         if weights:
-            flag = any_nonfinite([w.param.detach() for w in weights])
+            values = [local(w.param.detach()) for w in weights]
+            flag = any_rank(any_nonfinite(values), weights)  # every rank waits, or none
             if bool(flag.item()):
-                names = [w.name for w in weights if not torch.isfinite(w.param.detach()).all()]
+                names = [
+                    w.name for w, v in zip(weights, values, strict=True) if not v.isfinite().all()
+                ]
                 message = (
                     f"{purpose}: managed weight(s) {names} hold NaN or Inf, so their masks "
                     "cannot be chosen; nothing was changed"
