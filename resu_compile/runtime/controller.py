@@ -34,7 +34,7 @@ from resu_compile.runtime.transitions import (
     prune_weights,
     regrow_weights,
 )
-from resu_compile.shards import local
+from resu_compile.shards import is_dtensor, local
 from resu_compile.state import ManagedWeight, StateManager
 from resu_compile.views.export import export_state_dict
 from resu_compile.views.report import render_report
@@ -153,6 +153,7 @@ class PhaseController:
     def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
         weights = list(self.state)
         if not weights:
+            self._check_sharded_after_compile()
             raise ValueError(
                 "step(): no managed weight found (the model must run a forward pass first, and "
                 f"at least one weight must qualify):\n{self.report()}"
@@ -176,6 +177,19 @@ class PhaseController:
         ) and self._weights_finite("rigl_update"):
             self._rigl_update()
         self.advance()
+
+    def _check_sharded_after_compile(self) -> None:
+        """FSDP2 replaces a model's parameters with DTensors: sharding after ``resu.compile``
+        leaves the compiled model blind to them (FSDP's hooks stop Dynamo in every layer)."""
+        module = self.module()
+        if module is not None and any(
+            is_dtensor(p) and id(p) not in self._param_names for p in module.parameters()
+        ):
+            raise ValueError(
+                "step(): the model was sharded (fully_shard) after resu.compile, so no managed "
+                "weight can be found; apply fully_shard to the layers and the root first, then "
+                "call resu.compile(model)"
+            )
 
     def _plan(self, weights: list[ManagedWeight]) -> StepPlan:
         config = self.config

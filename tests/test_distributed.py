@@ -1,0 +1,407 @@
+"""Distributed training on CPU with gloo: DDP in both wrapping orders, FSDP2 shards.
+
+Multi-process tests spawn two ranks (``torch.multiprocessing``, spawn start method) that meet
+through a FileStore in the test's temporary directory; each rank writes its output to a log file
+there and its results with ``torch.save``, and the parent joins with a deadline (no hang in CI).
+The distributed selection is also tested in one process, with shards run in threads.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from resu_compile.method.sharded_topk import sharded_topk_masks
+from resu_compile.method.topk import topk_mask
+
+WORLD = 2
+DEADLINE_S = 240
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
+
+
+# -- harness ------------------------------------------------------------------------------------
+
+
+def _entry(rank: int, body: Callable[[int, Path], Any], tmp: str) -> None:
+    """One rank: output to a file, a gloo group over a FileStore, results to ``rank{r}.pt``."""
+    tmp_path = Path(tmp)
+    log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115  (kept open for the process)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    store = dist.FileStore(str(tmp_path / "store"), WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    try:
+        result = body(rank, tmp_path)
+        torch.save(result, tmp_path / f"rank{rank}.pt")
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        log.flush()
+        raise
+    finally:
+        dist.destroy_process_group()
+        log.flush()
+
+
+def _spawn(body: Callable[[int, Path], Any], tmp_path: Path) -> list[Any]:
+    """Run ``body(rank, tmp_path)`` on every rank; its return values, by rank."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(
+        _entry, args=(body, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    try:
+        import time
+
+        deadline = time.monotonic() + DEADLINE_S
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks still running after {DEADLINE_S} s")
+    except BaseException as error:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+        logs = "\n".join(
+            f"--- rank {r}\n{(tmp_path / f'rank{r}.log').read_text()}"
+            for r in range(WORLD)
+            if (tmp_path / f"rank{r}.log").exists()
+        )
+        raise AssertionError(f"distributed run failed: {error}\n{logs}") from None
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _mlp(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 18),
+        torch.nn.ReLU(),
+        torch.nn.Linear(18, 15),
+        torch.nn.ReLU(),
+        torch.nn.Linear(15, 3),
+    )
+
+
+def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (test oracle only: the code never does it)."""
+    sizes = [None] * WORLD
+    dist.all_gather_object(sizes, tensor.shape[0])
+    rest = tuple(tensor.shape[1:])
+    parts = [torch.zeros((n, *rest), dtype=tensor.dtype) for n in sizes]
+    padded = max(sizes)
+    send = torch.zeros((padded, *rest), dtype=tensor.dtype)
+    send[: tensor.shape[0]] = tensor
+    out = [torch.zeros_like(send) for _ in range(WORLD)]
+    dist.all_gather(out, send)
+    for i, n in enumerate(sizes):
+        parts[i] = out[i][:n]
+    return torch.cat(parts)
+
+
+def _sharded(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+# -- the distributed selection, shards in threads -----------------------------------------------
+
+
+class _ThreadCounts:
+    """ShardCounts for shards run as threads in lockstep (each collective: two barriers)."""
+
+    def __init__(self, board: list[Any], barrier: threading.Barrier, rank: int) -> None:
+        self.board, self.barrier, self.rank = board, barrier, rank
+
+    def _exchange(self, counts: torch.Tensor) -> list[torch.Tensor]:
+        self.board[self.rank] = counts.clone()
+        self.barrier.wait()
+        parts = list(self.board)
+        self.barrier.wait()
+        return parts
+
+    def total(self, counts: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self._exchange(counts)).sum(0)
+
+    def before(self, counts: torch.Tensor) -> torch.Tensor:
+        parts = self._exchange(counts)
+        return torch.stack(parts[: self.rank]).sum(0) if self.rank else torch.zeros_like(counts)
+
+
+def _threaded_select(full, ks, eligible, rows):
+    """Run the sharded selection on row shards of ``full`` (bounds ``rows``), one thread each."""
+    world = len(rows) - 1
+    board: list[Any] = [None] * world
+    barrier = threading.Barrier(world)
+    out: list[Any] = [None] * world
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            a, b = rows[rank], rows[rank + 1]
+            out[rank] = sharded_topk_masks(
+                [t[a:b] for t in full],
+                ks,
+                [None if e is None else e[a:b] for e in eligible],
+                _ThreadCounts(board, barrier, rank),
+            )
+        except BaseException as error:
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sharded_topk_equals_single_process_topk(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(13, 7), (1, 40), (9, 1), (16, 16)]
+    full, eligible, ks = [], [], []
+    for i, shape in enumerate(shapes):
+        if i % 2:  # many ties, signed zeros
+            values = torch.randint(-2, 3, shape, generator=generator).float()
+            values[values == 0] = -0.0
+        else:
+            values = torch.randn(shape, generator=generator)
+        full.append(values)
+        eligible.append(None if i == 0 else torch.rand(shape, generator=generator) < 0.6)
+        numel = values.numel()
+        ks.append([numel // 3, 0, numel + 5, numel // 2][(i + seed) % 4])
+    # Uneven shards, one of them empty for the thin weight.
+    rows_by_weight = [[0, 5, 9, 13], [0, 0, 1, 1], [0, 3, 6, 9], [0, 6, 11, 16]]
+    for w in range(len(shapes)):
+        found = _threaded_select([full[w]], [ks[w]], [eligible[w]], rows_by_weight[w])
+        mask = torch.cat([masks[0] for masks, _ in found])
+        expected = topk_mask(full[w], ks[w], eligible[w])
+        assert torch.equal(mask, expected)
+        assert all(totals == [int(expected.sum())] for _, totals in found)
+
+
+def test_sharded_topk_many_segments_in_one_call() -> None:
+    generator = torch.Generator().manual_seed(7)
+    full = [torch.randn(10, 4, generator=generator).round(decimals=1) for _ in range(3)]
+    ks = [11, 25, 3]
+    found = _threaded_select(full, ks, [None, None, None], [0, 4, 10])
+    for w in range(3):
+        mask = torch.cat([masks[w] for masks, _ in found])
+        assert torch.equal(mask, topk_mask(full[w], ks[w]))
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+
+
+def _ddp_body(rank: int, tmp_path: Path) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import resu_compile as resu
+    from resu_compile.runtime.distributed import check_agreement
+
+    options = dict(sparsity=0.6, cycles=2, total_steps=20, compiler="aot_eager")
+    outer = resu.compile(DDP(_mlp()), **options)  # the order that used to capture nothing
+    assert isinstance(outer, DDP) and outer.resu.module() is outer.module
+    inner_model = _mlp()
+    inner = resu.compile(inner_model, **options)
+    ddp_inner = DDP(inner)
+    runs = {"outer": (outer, outer.resu), "inner": (ddp_inner, inner.resu)}
+    events: dict[str, list[str]] = {}
+    masks = {}
+    for key, (model, controller) in runs.items():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(10 + rank)  # each rank its own data
+        seen = 0
+        for _ in range(20):
+            x = torch.randn(6, 12, generator=generator)
+            loss = model(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            controller.step(optimizer)
+            # After every transition (prune, RESU entry, commit): one hash per rank, all equal.
+            for entry in controller.history[seen:]:
+                check_agreement(list(controller.state))
+                events.setdefault(key, []).append(entry["event"])
+            seen = len(controller.history)
+        check_agreement(list(controller.state))
+        masks[key] = controller.masks()
+    assert set(masks["outer"]) == {"0.weight", "2.weight", "4.weight"}
+    for name in masks["outer"]:  # both orders make the same decisions
+        assert torch.equal(masks["outer"][name], masks["inner"][name])
+    return {"events": events}
+
+
+def test_ddp_both_orders_masks_identical_on_every_rank(tmp_path: Path) -> None:
+    results = _spawn(_ddp_body, tmp_path)
+    for result in results:
+        events = result["events"]["outer"]
+        assert {"prune", "resu", "commit"} <= set(events)
+        assert result["events"]["inner"] == events
+
+
+def _no_sync_body(rank: int, tmp_path: Path) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import resu_compile as resu
+    from resu_compile.runtime.distributed import check_agreement
+
+    model = resu.compile(DDP(_mlp()), sparsity=0.5, cycles=1, total_steps=6, compiler="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(20 + rank)
+    local_grads_differ = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        with model.no_sync():  # first micro-batch: gradients stay local
+            model(torch.randn(4, 12, generator=generator)).square().mean().backward()
+        grad = model.module[0].weight.grad.clone()
+        others = [torch.zeros_like(grad) for _ in range(WORLD)]
+        dist.all_gather(others, grad)
+        local_grads_differ.append(not torch.equal(others[0], others[1]))
+        model(torch.randn(4, 12, generator=generator)).square().mean().backward()  # syncs
+        grad = model.module[0].weight.grad.clone()
+        dist.all_gather(others, grad)
+        assert torch.equal(others[0], others[1])  # the accumulated sum, averaged
+        model.resu.step(optimizer)
+        check_agreement(list(model.resu.state))
+    assert model.resu.pruned
+    return {"local_grads_differ": local_grads_differ}
+
+
+def test_ddp_no_sync_gradient_accumulation(tmp_path: Path) -> None:
+    results = _spawn(_no_sync_body, tmp_path)
+    assert all(all(r["local_grads_differ"]) for r in results)
+
+
+# -- FSDP2 --------------------------------------------------------------------------------------
+
+
+def _fsdp_vs_single_body(rank: int, tmp_path: Path) -> dict[str, Any]:
+    import resu_compile as resu
+    from resu_compile.method.amnesty import amnesty_mask
+    from resu_compile.shards import local
+
+    out: dict[str, Any] = {}
+    for criterion in ("magnitude", "random"):
+        options = dict(sparsity=0.6, manual=True, criterion=criterion, compiler="aot_eager", seed=3)
+        reference = resu.compile(_mlp(), **options)
+        model = resu.compile(_sharded(_mlp()), **options)
+        x = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+        reference(x).sum().backward()
+        model(x).sum().backward()
+        ref, ctl = reference.resu, model.resu
+        assert ctl.state.names() == ref.state.names() == ["0.weight", "2.weight", "4.weight"]
+        assert all(w.shard is not None for w in ctl.state)
+
+        ref.prune(0.6)
+        ctl.prune(0.6)
+        for weight in ctl.state:  # the shards' masks, put together, are the single process's
+            full = _gather_rows(weight.mask())
+            assert torch.equal(full, ref.state.by_name(weight.name).mask()), weight.name
+            assert (local(weight.param.detach())[~weight.mask()] == 0).all()
+        assert [e["layers"] for e in ctl.history] == [e["layers"] for e in ref.history]
+
+        ref.enter_resu()
+        ctl.enter_resu()
+        for weight in ctl.state:
+            expected = ref.state.by_name(weight.name)
+            assert torch.equal(_gather_rows(weight.selection()), expected.selection())
+            theta = _gather_rows(local(weight.param.detach()))
+            torch.testing.assert_close(theta, expected.param.detach(), rtol=1e-5, atol=1e-7)
+
+        # The commit, against the one-layer rule on the gathered weight (the oracle).
+        before = {
+            w.name: (
+                _gather_rows(local(w.param.detach())),
+                _gather_rows(w.mask()),
+                _gather_rows(w.selection()),
+                w.keep_target,
+            )
+            for w in ctl.state
+        }
+        ctl.commit()
+        budget = ctl.history[-1]["budget"]
+        for weight in ctl.state:
+            values, old, trained, n_keep = before[weight.name]
+            expected = amnesty_mask(values.abs(), old, trained, n_keep, budget).mask
+            assert torch.equal(_gather_rows(weight.mask()), expected), weight.name
+            assert (local(weight.param.detach())[~weight.mask()] == 0).all()
+        out[criterion] = ctl.history[-1]["layers"]
+    return out
+
+
+def test_fsdp2_masks_match_single_process(tmp_path: Path) -> None:
+    results = _spawn(_fsdp_vs_single_body, tmp_path)
+    assert results[0] == results[1]  # every rank reports the whole-weight numbers
+
+
+def _fsdp_training_body(rank: int, tmp_path: Path) -> dict[str, Any]:
+    import resu_compile as resu
+    from resu_compile.kernels.bits import unpack_bits
+    from resu_compile.runtime.phase import Phase
+    from resu_compile.shards import local
+
+    model = resu.compile(
+        _sharded(_mlp()), sparsity=0.7, cycles=2, total_steps=24, compiler="aot_eager"
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    controller = model.resu
+    generator = torch.Generator().manual_seed(30 + rank)
+    bias_before = local(model[0].bias.detach()).clone()
+    for _ in range(24):
+        loss = model(torch.randn(6, 12, generator=generator)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        controller.step(optimizer)
+        for weight in controller.state:
+            if weight.mask_bits is None:
+                continue
+            pruned = ~weight.mask()
+            values = local(weight.param.detach())
+            if controller.phase is Phase.RESU:
+                trained = unpack_bits(weight.select_bits, weight.shape)
+                assert (values[pruned & ~trained] == 0).all()
+            else:  # SPARSE phases: W and every weight-shaped state are 0 on P, bit for bit
+                assert (values[pruned] == 0).all()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert (local(optimizer.state[weight.param][key])[pruned] == 0).all()
+    assert controller.phase is Phase.DONE
+    assert not torch.equal(local(model[0].bias.detach()), bias_before)
+    final = [e for e in controller.history if e["event"] == "commit"][-1]["layers"]
+    for layer in final.values():
+        assert layer["sparsity"] == pytest.approx(0.7, abs=0.02)
+
+    # The other order: fully_shard after resu.compile is refused with the order to use.
+    late = resu.compile(_mlp(), sparsity=0.5, compiler="aot_eager")
+    _sharded(late._orig_mod)
+    late(torch.randn(2, 12)).sum().backward()
+    try:
+        late.resu.step(torch.optim.SGD(late.parameters(), lr=0.1))
+    except ValueError as error:
+        refused = str(error)
+    else:
+        refused = ""
+    assert "after resu.compile" in refused and "fully_shard" in refused
+    return final
+
+
+def test_fsdp2_training_invariants_and_order(tmp_path: Path) -> None:
+    results = _spawn(_fsdp_training_body, tmp_path)
+    assert results[0] == results[1]
