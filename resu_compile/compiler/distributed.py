@@ -7,7 +7,8 @@
 - FSDP2 (``fully_shard``): the parameters are DTensor shards, and FSDP's pre- and post-forward hooks
   are ``torch._dynamo.disable``-d, so a graph of the whole model breaks at every sharded module and
   the layers inside run eagerly. Compiling each sharded module's ``forward`` (which runs between
-  its hooks, once the unsharded parameters are in place) lets the matcher see the Linear weights:
+  its hooks, once the unsharded parameters are in place), and that of each module owning a
+  weight (:func:`compile_sharded_forwards`), lets the matcher see the Linear weights:
   plain ``nn.Parameter`` objects that FSDP keeps from one all-gather to the next. The state is kept
   for the sharded parameter each one is gathered from (:func:`sharded_parameter`): the optimizer
   steps that one, and its gradient is the reduce-scattered shard.
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -42,23 +44,44 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def _call_forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A frame of our own around the class's ``forward``, so Dynamo traces it (and inlines the
-    ``torch.nn`` layers it calls) whatever the class."""
+    ``torch.nn`` layers it calls): Dynamo skips the frames of ``torch.nn``'s own classes."""
     return type(module).forward(module, *args, **kwargs)
+
+
+def _frame_for(cls: type) -> Callable[..., Any]:
+    """:func:`_call_forward` with a code object of its own: Dynamo keeps its compiled entries (at
+    most ``recompile_limit``) per code object, and each class and model needs its own."""
+    code = _call_forward.__code__.replace(co_name=f"_call_forward_{cls.__name__}")
+    return types.FunctionType(code, _call_forward.__globals__, code.co_name)
 
 
 def compile_sharded_forwards(
     model: torch.nn.Module, backend: Callable[..., Any], **options: Any
 ) -> None:
-    """Compile, in place, the ``forward`` of ``model`` and of every FSDP2 module inside it.
+    """Compile, in place, the ``forward`` of ``model``, of every FSDP2 module inside it and of
+    every module that owns a weight (2+ dims) itself.
 
-    One compiled function serves every module: modules of one class share its code (Dynamo passes
-    their parameters as inputs), so a model of many identical blocks compiles each class once.
-    FSDP's hooks stay outside, in ``_call_impl``.
+    FSDP's hooks stay outside, in ``_call_impl``. A class of the user's own compiles its
+    ``forward`` itself, so a graph break at a sharded child's hook resumes inside it and the
+    layers after the child are still captured; a class of ``torch.nn`` goes through
+    :func:`_call_forward`. A graph break in a loop makes Dynamo skip the whole frame (the usual
+    ``for block in self.blocks`` of a root), so every module that owns a weight itself (the root's
+    embedding, head) gets a compiled forward too: run eagerly by a skipped frame, it is still
+    captured; inlined in a graph, it is part of that graph. One compiled function per class serves
+    every module of it: Dynamo passes their parameters as inputs, so identical blocks compile once.
     """
-    compiled = torch.compile(_call_forward, backend=backend, **options)
+    by_class: dict[type, Callable[..., Any]] = {}
     for module in model.modules():
-        if module is model or isinstance(module, FSDPModule):
-            module.forward = functools.partial(compiled, module)
+        owns_weights = any(p.dim() >= 2 for p in module.parameters(recurse=False))
+        if module is not model and not isinstance(module, FSDPModule) and not owns_weights:
+            continue
+        cls = type(module)
+        if cls not in by_class:
+            forward = cls.forward
+            if forward.__module__.startswith("torch.nn."):
+                forward = _frame_for(cls)
+            by_class[cls] = torch.compile(forward, backend=backend, **options)
+        module.forward = functools.partial(by_class[cls], module)
 
 
 def sharded_parameter(model: torch.nn.Module | None, param: torch.Tensor) -> torch.Tensor | None:
