@@ -32,15 +32,15 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 # -- harness ------------------------------------------------------------------------------------
 
 
-def _entry(rank: int, body: Callable[[int, Path], Any], tmp: str) -> None:
+def _entry(rank: int, body: Callable[[int, Path], Any], tmp: str, world: int) -> None:
     """One rank: output to a file, a gloo group over a FileStore, results to ``rank{r}.pt``."""
     tmp_path = Path(tmp)
     log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115  (kept open for the process)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
-    store = dist.FileStore(str(tmp_path / "store"), WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    store = dist.FileStore(str(tmp_path / f"store{world}"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         result = body(rank, tmp_path)
         torch.save(result, tmp_path / f"rank{rank}.pt")
@@ -54,12 +54,12 @@ def _entry(rank: int, body: Callable[[int, Path], Any], tmp: str) -> None:
         log.flush()
 
 
-def _spawn(body: Callable[[int, Path], Any], tmp_path: Path) -> list[Any]:
-    """Run ``body(rank, tmp_path)`` on every rank; its return values, by rank."""
+def _spawn(body: Callable[[int, Path], Any], tmp_path: Path, world: int = WORLD) -> list[Any]:
+    """Run ``body(rank, tmp_path)`` on ``world`` ranks; its return values, by rank."""
     import torch.multiprocessing as mp
 
     context = mp.start_processes(
-        _entry, args=(body, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+        _entry, args=(body, str(tmp_path), world), nprocs=world, join=False, start_method="spawn"
     )
     try:
         import time
@@ -74,11 +74,11 @@ def _spawn(body: Callable[[int, Path], Any], tmp_path: Path) -> list[Any]:
                 process.kill()
         logs = "\n".join(
             f"--- rank {r}\n{(tmp_path / f'rank{r}.log').read_text()}"
-            for r in range(WORLD)
+            for r in range(world)
             if (tmp_path / f"rank{r}.log").exists()
         )
         raise AssertionError(f"distributed run failed: {error}\n{logs}") from None
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def _mlp(seed: int = 0) -> torch.nn.Sequential:
@@ -442,3 +442,101 @@ def _fsdp_training_body(rank: int, tmp_path: Path) -> dict[str, Any]:
 def test_fsdp2_training_invariants_and_order(tmp_path: Path) -> None:
     results = _spawn(_fsdp_training_body, tmp_path)
     assert results[0] == results[1]
+
+
+def _fsdp_checkpoint_body(rank: int, tmp_path: Path) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    import resu_compile as resu
+    from resu_compile.runtime.phase import Phase
+    from resu_compile.shards import local
+
+    options = dict(sparsity=0.6, cycles=2, total_steps=24, compiler="aot_eager")
+    generator = torch.Generator().manual_seed(40 + rank)
+    batches = [torch.randn(6, 12, generator=generator) for _ in range(16)]
+
+    def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, xs: list) -> None:
+        for x in xs:
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            model.resu.step(optimizer)
+
+    def states(model: torch.nn.Module) -> dict[str, Any]:
+        return {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, model.optimizer),
+            "resu": model.resu.sharded_state_dict(),
+        }
+
+    first = resu.compile(_sharded(_mlp(0)), **options)
+    first.optimizer = torch.optim.AdamW(first.parameters(), lr=1e-2)
+    train(first, first.optimizer, batches[:9])
+    assert first.resu.phase is Phase.RESU  # saved in the middle of a RESU phase
+    dcp.save(states(first), checkpoint_id=str(tmp_path / "ckpt"))
+    saved = {
+        w.name: (_gather_rows(w.mask()), _gather_rows(w.selection())) for w in first.resu.state
+    }
+    if rank == 0:
+        torch.save(saved, tmp_path / "saved_masks.pt")
+    train(first, first.optimizer, batches[9:])
+
+    second = resu.compile(_sharded(_mlp(1)), **options)  # other initial weights
+    second.optimizer = torch.optim.AdamW(second.parameters(), lr=1e-2)
+    second(batches[0])  # registers the managed weights, for the template
+    template = states(second)
+    dcp.load(template, checkpoint_id=str(tmp_path / "ckpt"))
+    set_model_state_dict(second, template["model"])
+    set_optimizer_state_dict(second, second.optimizer, template["optim"])
+    second.resu.load_sharded_state_dict(template["resu"])
+    assert second.resu.phase is Phase.RESU and second.resu.step_count == 9
+    train(second, second.optimizer, batches[9:])
+
+    for weight in first.resu.state:  # the resumed run continues the uninterrupted one exactly
+        other = second.resu.state.by_name(weight.name)
+        assert torch.equal(weight.mask(), other.mask()), weight.name
+        assert torch.equal(local(weight.param.detach()), local(other.param.detach()))
+    assert first.resu.history == second.resu.history
+    return {"phase": second.resu.phase.value}
+
+
+def _fsdp_resume_alone_body(rank: int, tmp_path: Path) -> dict[str, Any]:
+    """One rank loads the two ranks' checkpoint (DCP reshards), and trains on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    import resu_compile as resu
+    from resu_compile.runtime.phase import Phase
+
+    model = resu.compile(
+        _sharded(_mlp(1)), sparsity=0.6, cycles=2, total_steps=24, compiler="aot_eager"
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 12))
+    template = {"model": get_model_state_dict(model), "resu": model.resu.sharded_state_dict()}
+    dcp.load(template, checkpoint_id=str(tmp_path / "ckpt"))
+    set_model_state_dict(model, template["model"])
+    model.resu.load_sharded_state_dict(template["resu"])
+    saved = torch.load(tmp_path / "saved_masks.pt")
+    for weight in model.resu.state:
+        assert torch.equal(weight.mask(), saved[weight.name][0])
+        assert torch.equal(weight.selection(), saved[weight.name][1])
+        selected = weight.mask() | weight.selection()
+        assert (weight.param.detach().to_local()[~selected] == 0).all()
+    for _ in range(4):  # the RESU phase ends with a commit, at one rank now
+        optimizer.zero_grad()
+        model(torch.randn(6, 12)).square().mean().backward()
+        model.resu.step(optimizer)
+    assert model.resu.phase is Phase.TRAIN and model.resu.cycle == 1
+    return {}
+
+
+def test_fsdp2_checkpoint_round_trip_through_dcp(tmp_path: Path) -> None:
+    results = _spawn(_fsdp_checkpoint_body, tmp_path)
+    assert results[0] == results[1] == {"phase": "train"}  # cycle 1
+    _spawn(_fsdp_resume_alone_body, tmp_path, world=1)

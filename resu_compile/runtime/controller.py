@@ -22,7 +22,7 @@ from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.method.schedule import amnesty_budget
 from resu_compile.optim.step import ManagedStep, StepPlan
 from resu_compile.optim.theta import ThetaSettings
-from resu_compile.runtime import checkpoint
+from resu_compile.runtime import checkpoint, sharded_checkpoint
 from resu_compile.runtime.distributed import any_rank, check_sharded_optimizer
 from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
@@ -478,6 +478,41 @@ class PhaseController:
         return checkpoint.save(
             self.config, self.phase, counters, self.history, self.state.state_dict()
         )
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` for ``torch.distributed.checkpoint`` under FSDP2: per-coordinate state
+        as DTensors laid out as the weights (see :mod:`~resu_compile.runtime.sharded_checkpoint`).
+        Also the template to load into: build it after one forward pass of the new model."""
+        counters = {key: getattr(self, key) for key in checkpoint.COUNTERS}
+        weights = {w.name: sharded_checkpoint.weight_state(w) for w in self.state}
+        # A tuple is one value to DCP (a list of dicts would be flattened, key by key, and a
+        # template's shorter history would miss keys).
+        state = checkpoint.save(self.config, self.phase, counters, self.history, weights)
+        state["history"] = tuple(state["history"])
+        return state
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        """Apply a :meth:`sharded_state_dict` that ``torch.distributed.checkpoint.load`` filled
+        (at this or another world size)."""
+        phase, counters = checkpoint.check(state, self.config, self.module())
+        weights = {w.name: w for w in self.state}
+        missing = sorted(set(weights) - set(state["weights"]))
+        if missing or len(weights) != len(state["weights"]):
+            raise ValueError(
+                "load_sharded_state_dict: the checkpoint's managed weights "
+                f"{sorted(state['weights'])} are not this model's {sorted(weights)} (run one "
+                "forward pass before building the template)"
+            )
+        for name, entry in state["weights"].items():
+            sharded_checkpoint.check_weight_state(weights[name], entry)
+        for name, entry in state["weights"].items():
+            sharded_checkpoint.load_weight_state(weights[name], entry)
+        self.phase = phase
+        self._managed_step.restore_nonfinite_steps(counters.pop("nonfinite_steps"))
+        for key, value in counters.items():
+            setattr(self, key, value)
+        self.history = list(state["history"])
+        self.pruned = any(entry["pruned"] for entry in state["weights"].values())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; refuses (changing nothing) if it does not fit."""
