@@ -32,15 +32,17 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 # -- harness ------------------------------------------------------------------------------------
 
 
-def _entry(rank: int, body: Callable[[int, Path], Any], tmp: str, world: int) -> None:
-    """One rank: output to a file, a gloo group over a FileStore, results to ``rank{r}.pt``."""
+def _entry(rank: int, body: Callable[[int, Path], Any], tmp: str, world: int, backend: str) -> None:
+    """One rank: output to a file, a process group over a FileStore, results to ``rank{r}.pt``."""
     tmp_path = Path(tmp)
     log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115  (kept open for the process)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
     store = dist.FileStore(str(tmp_path / f"store{world}"), world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     try:
         result = body(rank, tmp_path)
         torch.save(result, tmp_path / f"rank{rank}.pt")
@@ -54,12 +56,18 @@ def _entry(rank: int, body: Callable[[int, Path], Any], tmp: str, world: int) ->
         log.flush()
 
 
-def _spawn(body: Callable[[int, Path], Any], tmp_path: Path, world: int = WORLD) -> list[Any]:
+def _spawn(
+    body: Callable[[int, Path], Any], tmp_path: Path, world: int = WORLD, backend: str = "gloo"
+) -> list[Any]:
     """Run ``body(rank, tmp_path)`` on ``world`` ranks; its return values, by rank."""
     import torch.multiprocessing as mp
 
     context = mp.start_processes(
-        _entry, args=(body, str(tmp_path), world), nprocs=world, join=False, start_method="spawn"
+        _entry,
+        args=(body, str(tmp_path), world, backend),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
     )
     try:
         import time
