@@ -8,6 +8,7 @@ The distributed selection is also tested in one process, with shards run in thre
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -244,6 +245,73 @@ def test_sharded_topk_many_segments_in_one_call() -> None:
     for w in range(3):
         mask = torch.cat([masks[w] for masks, _ in found])
         assert torch.equal(mask, topk_mask(full[w], ks[w]))
+
+
+# -- the fused kernels on local shards ----------------------------------------------------------
+
+# The Triton entry points a sharded run must reach, by kernel family.
+KERNELS = {
+    "masked_adam": "masked_adam_triton_",
+    "masked_zero": "zero_where_clear_triton_",
+    "nonfinite": "any_nonfinite_triton_",
+    "theta_entry": "write_theta_triton_",
+    "commit_bits": "commit_bits_triton",
+}
+
+
+def _fused_paths_body(rank: int, tmp_path: Path, device: str) -> dict[str, Any]:
+    """A sharded run whose updates and transitions take the Triton kernels, counted (on CPU:
+    the interpreted kernels, the families' ``on_gpu`` patched to let CPU tensors through)."""
+    import importlib
+
+    import resu_compile as resu
+    from resu_compile.runtime.phase import Phase
+    from resu_compile.shards import local
+
+    calls = dict.fromkeys(KERNELS, 0)
+    for module_name, function in KERNELS.items():
+        module = importlib.import_module(f"resu_compile.kernels.triton.{module_name}")
+        original = getattr(module, function)
+
+        def counted(*args, _original=original, _name=module_name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(module, function, counted)
+        if device == "cpu":
+            family = importlib.import_module(f"resu_compile.kernels.{module_name}")
+            family.on_gpu = lambda tensors: True
+
+    model = resu.compile(
+        _sharded(_mlp().to(device)), sparsity=0.7, cycles=2, total_steps=12, compiler="aot_eager"
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator(device=device).manual_seed(rank)
+    for _ in range(12):
+        x = torch.randn(16, 12, device=device, generator=generator)
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        model.resu.step(optimizer)
+        if model.resu.phase is not Phase.RESU:
+            for weight in model.resu.state:
+                if weight.mask_bits is not None:
+                    pruned = ~weight.mask()
+                    assert (local(weight.param.detach())[pruned] == 0).all()
+                    state = optimizer.state[weight.param]
+                    assert (local(state["exp_avg"])[pruned] == 0).all()
+    assert model.resu.phase is Phase.DONE
+    assert all(w.shard is not None for w in model.resu.state)
+    return calls
+
+
+def test_fsdp2_fused_kernels_take_local_shards(tmp_path: Path) -> None:
+    """The interpreted Triton kernels (the GPU's code, on CPU) step and mask local shards."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreted kernels run with TRITON_INTERPRET=1 (set by conftest on CPU)")
+    results = _spawn(functools.partial(_fused_paths_body, device="cpu"), tmp_path)
+    for calls in results:
+        assert all(count > 0 for count in calls.values()), calls
 
 
 # -- DDP ----------------------------------------------------------------------------------------

@@ -141,34 +141,29 @@ class GraphDispatcher:
         """Register the sharded weights of another module whose forward runs this graph."""
         controller = self._controller
         module = module_of(controller)
-        for index, _, template in self._sharded:
+        for index, candidate, template in self._sharded:
             param = sharded_parameter(module, args[index])
             if param is None:
                 raise RuntimeError(
                     "resu: a graph compiled for FSDP2-sharded weights received a parameter that "
                     "no fully_shard-ed module of this model gathers"
                 )
-            name = controller.name_of(param, template.name)
-            register_sharded(controller, param, name, template)
+            register_sharded(controller, param, controller.name_of(param, template.name), candidate)
         self._bound_sharded.add(id(args[self._sharded[0][0]]))
 
 
 def register_sharded(
-    controller: PhaseController,
-    param: torch.Tensor,
-    name: str,
-    template: WeightCandidate | ManagedWeight,
+    controller: PhaseController, param: torch.Tensor, name: str, candidate: WeightCandidate
 ) -> ManagedWeight:
-    """Register FSDP2's sharded ``param``: its state is that of the local shard, and the optimizer
-    step (never the graph) applies its mask."""
+    """Register FSDP2's sharded ``param`` (``candidate`` is its gathered form in a graph): its
+    state is that of the local shard, and the optimizer step (never the graph) applies its mask."""
     weight = controller.state.register(param, name)
     if weight.shard is None:
         weight.shard = shard_layout(param, name)
     weight.graph_masked = False
-    ops = template.weight_ops if isinstance(template, WeightCandidate) else template.ops
-    weight.ops = sorted(set(weight.ops) | set(ops))
+    weight.ops = sorted(set(weight.ops) | set(candidate.weight_ops))
     if weight.input_dim is None:
-        weight.input_dim = template.input_dim
+        weight.input_dim = candidate.input_dim
     return weight
 
 

@@ -449,6 +449,11 @@ class PhaseController:
 
     def export(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Plain state dict of the original model, managed weights times their masks."""
+        self._refuse_sharded(
+            "export()",
+            "outside a RESU phase the sharded weights hold exact zeros on pruned coordinates: "
+            "save them with torch.distributed.checkpoint.state_dict.get_model_state_dict",
+        )
         model = model if model is not None else self.module()
         if model is None:
             raise ValueError("export(): no model recorded at compile time; pass export(model)")
@@ -474,10 +479,21 @@ class PhaseController:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically (``torch.load(weights_only=True)``-safe)."""
+        self._refuse_sharded(
+            "state_dict()", "use sharded_state_dict() with torch.distributed.checkpoint"
+        )
         counters = {key: getattr(self, key) for key in checkpoint.COUNTERS}
         return checkpoint.save(
             self.config, self.phase, counters, self.history, self.state.state_dict()
         )
+
+    def _refuse_sharded(self, method: str, instead: str) -> None:
+        """Whole-weight views of a model whose weights are FSDP2 shards are not built."""
+        sharded = [w.name for w in self.state if w.shard is not None]
+        if sharded:
+            raise ValueError(
+                f"{method}: managed weights are FSDP2 shards ({sharded[0]!r}); {instead}"
+            )
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` for ``torch.distributed.checkpoint`` under FSDP2: per-coordinate state
