@@ -401,7 +401,7 @@ def test_ddp_no_sync_gradient_accumulation(tmp_path: Path) -> None:
 
 def _fsdp_vs_single_body(rank: int, tmp_path: Path) -> dict[str, Any]:
     import resu_compile as resu
-    from resu_compile.method.amnesty import amnesty_mask
+    from resu_compile.method.amnesty import amnesty_mask, amnesty_scores
     from resu_compile.shards import local
 
     out: dict[str, Any] = {}
@@ -411,9 +411,17 @@ def _fsdp_vs_single_body(rank: int, tmp_path: Path) -> dict[str, Any]:
         "random": (_mlp, torch.randn(8, 12, generator=generator)),
         "blocks": (_Blocks, torch.randint(0, 20, (2, 5), generator=generator)),
     }
+    # random: also the gradient amnesty score; blocks: also ERK layer densities.
     for case, (build, x) in cases.items():
-        criterion = "random" if case == "random" else "magnitude"
-        options = dict(sparsity=0.6, manual=True, criterion=criterion, compiler="aot_eager", seed=3)
+        options = dict(
+            sparsity=0.6,
+            manual=True,
+            criterion="random" if case == "random" else "magnitude",
+            amnesty_score="gradient" if case == "random" else "magnitude",
+            distribution="erk" if case == "blocks" else "uniform",
+            compiler="aot_eager",
+            seed=3,
+        )
         reference = resu.compile(build(), **options)
         reference(x).sum().backward()  # first: Dynamo marks a frame it skips for everyone
         model = resu.compile(_sharded(build()), **options)
@@ -439,10 +447,13 @@ def _fsdp_vs_single_body(rank: int, tmp_path: Path) -> dict[str, Any]:
             theta = _gather_rows(local(weight.param.detach()))
             torch.testing.assert_close(theta, expected.param.detach(), rtol=1e-5, atol=1e-7)
 
-        # The commit, against the one-layer rule on the gathered weight (the oracle).
+        # The commit, against the one-layer rule on the gathered weight (the oracle). Every rank
+        # ran the same batch, so the reduce-scattered gradient is the single process's.
+        model(x).sum().backward()
         before = {
             w.name: (
                 _gather_rows(local(w.param.detach())),
+                _gather_rows(local(w.param.grad)),
                 _gather_rows(w.mask()),
                 _gather_rows(w.selection()),
                 w.keep_target,
@@ -452,8 +463,9 @@ def _fsdp_vs_single_body(rank: int, tmp_path: Path) -> dict[str, Any]:
         ctl.commit()
         budget = ctl.history[-1]["budget"]
         for weight in ctl.state:
-            values, old, trained, n_keep = before[weight.name]
-            expected = amnesty_mask(values.abs(), old, trained, n_keep, budget).mask
+            values, grad, old, trained, n_keep = before[weight.name]
+            scores = amnesty_scores(values, options["amnesty_score"], gradient=grad)
+            expected = amnesty_mask(scores, old, trained, n_keep, budget, gradient=grad).mask
             assert torch.equal(_gather_rows(weight.mask()), expected), weight.name
             assert (local(weight.param.detach())[~weight.mask()] == 0).all()
         out[case] = ctl.history[-1]["layers"]
