@@ -51,8 +51,15 @@ def is_dtensor(tensor: Any) -> bool:
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """The rank's local tensor of a DTensor (a view: writes land in the shard); others as given."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
+    """The rank's local tensor of a DTensor (writes land in the shard); others as given.
+
+    Outside autograd ``to_local`` hands back the DTensor's own local tensor, the same object at
+    every call, so identity checks between a weight's states keep working.
+    """
+    if not is_dtensor(tensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local()
 
 
 def shard_layout(param: torch.Tensor, name: str) -> ShardLayout:

@@ -2,6 +2,10 @@
 
 Prune (section 3), RigL's drop / grow, RESU entry (section 4) and the commit (section 5). The controller decides *when* a transition runs and keeps the phase bookkeeping;
 these functions decide *how*, and return the per-layer numbers its history records.
+
+Weights sharded by FSDP2 follow the same rules on their local shards: counts are over the whole
+weight, selections go through the distributed top-k and draws are cut from full-shape draws
+(:mod:`resu_compile.runtime.distributed`), so the masks are a single process's.
 """
 
 from __future__ import annotations
