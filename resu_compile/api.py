@@ -12,7 +12,7 @@ from resu_compile.compiler.passes.eligibility import lora_adapter_ids, param_ski
 from resu_compile.compiler.registry import find_controller, track
 from resu_compile.config import ResuConfig
 from resu_compile.runtime.controller import PhaseController
-from resu_compile.runtime.distributed import check_sharded_config
+from resu_compile.runtime.sharded import check_sharded_config
 
 
 def compile(

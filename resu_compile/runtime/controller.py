@@ -23,9 +23,10 @@ from resu_compile.method.schedule import amnesty_budget
 from resu_compile.optim.step import ManagedStep, StepPlan
 from resu_compile.optim.theta import ThetaSettings
 from resu_compile.runtime import checkpoint, sharded_checkpoint
-from resu_compile.runtime.distributed import any_rank, check_sharded_optimizer
+from resu_compile.runtime.distributed import any_rank
 from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
+from resu_compile.runtime.sharded import check_sharded_optimizer
 from resu_compile.runtime.transitions import (
     TransitionContext,
     commit_weights,
@@ -472,7 +473,7 @@ class PhaseController:
         """METHOD.md section 6 as a table: per layer and cycle, target and actual sparsity,
         resurrected weights and rate, churn, survivors and amnesty budget used, with model
         totals weighted by layer size (the data itself is ``history``)."""
-        sizes = {weight.name: weight.numel for weight in self.state}
+        sizes = {weight.name: weight.total_numel for weight in self.state}
         return render_history(self.history, layer_sizes=sizes, totals_only=totals_only)
 
     # -- persistence ------------------------------------------------------------------------

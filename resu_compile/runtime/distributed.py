@@ -23,38 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from resu_compile.config import ResuConfig
-from resu_compile.kernels.bits import pack_bits, unpack_bits
-from resu_compile.kernels.segmented_topk import topk_bits
-from resu_compile.method.sharded_topk import sharded_topk_masks
-from resu_compile.optim.updates import update_rule
 from resu_compile.shards import local
 from resu_compile.state import ManagedWeight
-
-# What the sharded transitions implement (the rest needs whole rows or whole weights).
-SHARDED_SUPPORT = {
-    "method": ("resu", "oneshot", "gmp", "dense"),
-    "criterion": ("magnitude", "random"),
-    "distribution": ("uniform", "erk"),
-    "selection": ("random", "all"),
-    "amnesty_score": ("magnitude", "gradient"),
-    "gradient_mask": ("optimizer",),
-}
-
-
-def check_sharded_config(config: ResuConfig) -> None:
-    """Refuse, before anything changes, the options FSDP2-sharded weights do not support."""
-    for option, supported in SHARDED_SUPPORT.items():
-        value = getattr(config, option)
-        if value not in supported:
-            raise ValueError(
-                f"resu.compile: {option}={value!r} is not supported for FSDP2-sharded weights "
-                f"(supported: {', '.join(map(repr, supported))})"
-            )
-    if config.pattern is not None:
-        raise ValueError(
-            f"resu.compile: pattern={config.pattern!r} is not supported for FSDP2-sharded weights"
-        )
 
 
 class GroupCounts:
@@ -100,6 +70,19 @@ def sum_over_shards(weights: Sequence[ManagedWeight], values: Sequence[float]) -
     return out
 
 
+def sum_rows_over_shards(
+    weights: Sequence[ManagedWeight], rows: Sequence[Sequence[float]]
+) -> list[list[float]]:
+    """:func:`sum_over_shards` for a row of numbers per weight (one all-reduce per group)."""
+    out = [list(row) for row in rows]
+    for counts, indices in groups_of(weights).values():
+        device = weights[indices[0]].param.device
+        part = torch.tensor([rows[i] for i in indices], dtype=torch.float64, device=device)
+        for i, total in zip(indices, counts.total(part).tolist(), strict=True):
+            out[i] = total
+    return out
+
+
 def any_rank(flag: torch.Tensor, weights: Sequence[ManagedWeight]) -> torch.Tensor:
     """``flag`` (a 1-element float tensor) raised on every rank if it is raised on one of the
     ranks sharing sharded weights: a step or transition skipped by one rank is skipped by all."""
@@ -131,126 +114,3 @@ def check_agreement(weights: Sequence[ManagedWeight], group: Any = None) -> list
     if len(set(digests)) != 1:
         raise RuntimeError(f"resu: masks or weights differ between ranks: {digests}")
     return digests  # type: ignore[return-value]
-
-
-def full_shape(weight: ManagedWeight) -> tuple[int, ...]:
-    """The shape of the whole weight (all shards)."""
-    return tuple(weight.shape) if weight.shard is None else weight.shard.global_shape
-
-
-def draw(weight: ManagedWeight, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """``torch.rand`` / ``torch.randn`` (``kind``) over the weight, on its device, from
-    ``generator``; for a shard, the draw of the whole weight's shape (the same on every rank),
-    cut to the local rows, so each coordinate gets what a single process gives it. The price is
-    one full-shape fp32 temporary per draw, and no communication."""
-    sample = torch.rand if kind == "rand" else torch.randn
-    values = sample(full_shape(weight), generator=generator, device=generator.device)
-    if weight.shard is not None:
-        values = weight.shard.local_slice(values).contiguous()
-    return values.to(weight.param.device)
-
-
-def choose_bits(
-    weights: Sequence[ManagedWeight],
-    scores: Sequence[torch.Tensor],
-    ks: Sequence[int],
-    eligible: Sequence[tuple[torch.Tensor, bool] | None],
-    magnitude: bool = True,
-) -> list[torch.Tensor]:
-    """:func:`~resu_compile.kernels.segmented_topk.topk_bits` for weights of which some may be
-    sharded: ``ks`` count over the whole weight, ``scores`` and ``eligible`` are local, and the
-    sharded ones are chosen by the distributed selection (only counts cross ranks)."""
-    out: list[torch.Tensor | None] = [None] * len(weights)
-    sharded = groups_of(weights)
-    taken = {i for _, indices in sharded.values() for i in indices}
-    rest = [i for i in range(len(weights)) if i not in taken]
-    if rest:
-        found = topk_bits(
-            [scores[i] for i in rest], [ks[i] for i in rest], [eligible[i] for i in rest], magnitude
-        )
-        for i, bits in zip(rest, found, strict=True):
-            out[i] = bits
-    for counts, indices in sharded.values():
-        allowed = []
-        for i in indices:
-            entry = eligible[i]
-            if entry is None:
-                allowed.append(None)
-            else:
-                bits = unpack_bits(entry[0], weights[i].shape)
-                allowed.append(bits if entry[1] else ~bits)
-        masks, _ = sharded_topk_masks(
-            [scores[i].abs() if magnitude else scores[i] for i in indices],
-            [ks[i] for i in indices],
-            allowed,
-            counts,
-        )
-        for i, mask in zip(indices, masks, strict=True):
-            out[i] = pack_bits(mask)
-    return out  # type: ignore[return-value]
-
-
-def sharded_sigma(weights: Sequence[ManagedWeight], sigma: torch.Tensor) -> torch.Tensor:
-    """``sigma`` with each sharded weight's entry replaced by the unbiased std of the active
-    coordinates of the whole weight: two all-reduces of (sum, count) and of squared deviations,
-    in float64 (equal to a single process's fp32 value up to rounding)."""
-    sigma = sigma.clone()
-    for counts, indices in groups_of(weights).values():
-        device = sigma.device
-        values = [local(weights[i].param.detach()).double() for i in indices]
-        active = [
-            unpack_bits(weights[i].mask_bits_or_all_active(), weights[i].shape) for i in indices
-        ]
-        first = torch.stack(
-            [
-                torch.stack([torch.where(a, v, 0.0).sum(), a.sum().double()])
-                for v, a in zip(values, active, strict=True)
-            ]
-        ).to(device)
-        first = counts.total(first)
-        mean = first[:, 0] / first[:, 1].clamp(min=1)
-        squares = torch.stack(
-            [
-                torch.where(a, (v - mean[j].to(v.device)).square(), 0.0).sum().to(device)
-                for j, (v, a) in enumerate(zip(values, active, strict=True))
-            ]
-        )
-        squares = counts.total(squares)
-        count = first[:, 1]
-        std = (squares / (count - 1).clamp(min=1)).sqrt()
-        std = torch.where(count > 1, std, 0.0).to(sigma.dtype)
-        for j, i in enumerate(indices):
-            sigma[i] = std[j]
-    return sigma
-
-
-def sum_rows_over_shards(
-    weights: Sequence[ManagedWeight], rows: Sequence[Sequence[float]]
-) -> list[list[float]]:
-    """:func:`sum_over_shards` for a row of numbers per weight (one all-reduce per group)."""
-    out = [list(row) for row in rows]
-    for counts, indices in groups_of(weights).values():
-        device = weights[indices[0]].param.device
-        part = torch.tensor([rows[i] for i in indices], dtype=torch.float64, device=device)
-        for i, total in zip(indices, counts.total(part).tolist(), strict=True):
-            out[i] = total
-    return out
-
-
-def check_sharded_optimizer(
-    optimizer: torch.optim.Optimizer, weights: Sequence[ManagedWeight]
-) -> None:
-    """Sharded weights step only through our masked kernels (SGD, Adam, AdamW): the re-masking
-    fallback would mask a DTensor gradient with a local mask."""
-    sharded = {id(w.param): w.name for w in weights if w.shard is not None}
-    if not sharded:
-        return
-    for group in optimizer.param_groups:
-        if update_rule(optimizer, group) is None:
-            names = [sharded[id(p)] for p in group["params"] if id(p) in sharded]
-            if names:
-                raise ValueError(
-                    f"step(): FSDP2-sharded weights ({names[0]!r}) need torch.optim.SGD, Adam or "
-                    f"AdamW (not amsgrad, differentiable or capturable); got "
-                    f"{type(optimizer).__name__}"
-                )

@@ -35,13 +35,13 @@ from resu_compile.optim.slots import (
     zero_coordinates,
     zero_where_pruned,
 )
-from resu_compile.runtime.distributed import (
+from resu_compile.runtime.distributed import sum_over_shards, sum_rows_over_shards
+from resu_compile.runtime.sharded import (
+    check_sharded,
     choose_bits,
     draw,
     full_shape,
     sharded_sigma,
-    sum_over_shards,
-    sum_rows_over_shards,
 )
 from resu_compile.shards import local
 from resu_compile.state import ManagedWeight
@@ -118,19 +118,6 @@ def total_sparsities(weights: list[ManagedWeight]) -> list[float]:
     """Each weight's sparsity over the whole weight (all shards: one all-reduce of the counts)."""
     actives = sum_over_shards(weights, [w.active_count() for w in weights])
     return [1.0 - a / w.total_numel for w, a in zip(weights, actives, strict=True)]
-
-
-def check_sharded(weights: list[ManagedWeight], **rules: str) -> None:
-    """Refuse, naming the weight, a rule that needs whole rows or a whole weight on a shard."""
-    supported = {"criterion": ("magnitude", "random")}
-    for option, value in rules.items():
-        if value not in supported[option]:
-            sharded = [w.name for w in weights if w.shard is not None]
-            if sharded:
-                raise ValueError(
-                    f"{option} {value!r} is not supported for FSDP2-sharded weights "
-                    f"({sharded[0]!r}); supported: {', '.join(supported[option])}"
-                )
 
 
 def _pattern_or_row_mask(
