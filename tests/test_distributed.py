@@ -513,6 +513,11 @@ def _fsdp_training_body(rank: int, tmp_path: Path) -> dict[str, Any]:
     for layer in final.values():
         assert layer["sparsity"] == pytest.approx(0.7, abs=0.02)
 
+    # What shards cannot do is refused before anything changes, naming the option.
+    for option, value in (("criterion", "wanda"), ("selection", "topk"), ("method", "rigl")):
+        with pytest.raises(ValueError, match=f"{option}={value!r} is not supported"):
+            resu.compile(_sharded(_mlp()), **{option: value})
+
     # The other order: fully_shard after resu.compile is refused with the order to use.
     late = resu.compile(_mlp(), sparsity=0.5, compiler="aot_eager")
     _sharded(late._orig_mod)
