@@ -1,5 +1,7 @@
 """RESU under DistributedDataParallel: ``DDP(resu.compile(model))``, one process per device.
 
+(``resu.compile(DDP(model))`` works too: it compiles the inner module and returns the DDP.)
+
     torchrun --nproc_per_node 2 examples/ddp.py [--steps 60]
 
 gloo on CPU, nccl on GPUs (one per process). Every rank compiles its own copy of the model; DDP

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 
 from resu_compile.compiler.backend import ResuBackend
+from resu_compile.compiler.distributed import compile_sharded_forwards, ddp_inner, is_sharded
 from resu_compile.compiler.passes.eligibility import lora_adapter_ids, param_skip_reason
 from resu_compile.compiler.registry import find_controller, shared_parameter, track, untrack
 from resu_compile.config import ResuConfig
 from resu_compile.runtime.controller import PhaseController
+from resu_compile.runtime.sharded import check_sharded_config
 
 
 def compile(
@@ -36,6 +38,13 @@ def compile(
     ``inplace=True`` compiles ``model`` itself (``nn.Module.compile``) and returns it: its type,
     ``forward`` signature and ``state_dict`` keys stay those of the original class, which is what
     frameworks that inspect the model (the HF ``Trainer``) need.
+
+    Distributed models are compiled where Dynamo can see their weights, and returned themselves
+    (as with ``inplace=True``): a ``DistributedDataParallel`` model has its inner ``.module``
+    compiled in place (names and masks are those of the inner module, as for
+    ``DDP(resu.compile(model))``); a model sharded with FSDP2's ``fully_shard`` has the forward of
+    every sharded module compiled in place, between FSDP's hooks (see
+    :mod:`resu_compile.compiler.distributed`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -49,9 +58,12 @@ def compile(
         if not isinstance(value, allowed):
             words = "a bool or None" if argument == "dynamic" else "a bool"
             raise TypeError(f"resu.compile: {argument} must be {words}, got {value!r}")
-    if find_controller(model) is not None and shared_parameter(model) is None:
+    inner = ddp_inner(model)
+    target = inner if inner is not None else model
+    managed = find_controller(model) is not None or find_controller(target) is not None
+    if managed and shared_parameter(target) is None:
         raise ValueError("resu.compile: model is already compiled by resu-compile")
-    _check_not_shared(model)
+    _check_not_shared(target)
     if config is not None and (options or sparsity is not None):
         raise ValueError("resu.compile: pass either config= or sparsity/options, not both")
     if config is None:
@@ -65,20 +77,28 @@ def compile(
             f"resu.compile: config must be a ResuConfig or a dict of its options, got "
             f"{type(config).__name__}"
         )
-    _check_model(model, config)
-    call = _in_place_call(model) if inplace else None
-    _check_recompile_limit(model, call)
-    controller = PhaseController(config, {id(p): n for n, p in model.named_parameters()}, model)
-    track(controller, model)
+    _check_model(target, config)
+    sharded = is_sharded(target)
+    if sharded:
+        check_sharded_config(config)
+    in_place = inplace or inner is not None or sharded
+    call = _in_place_call(target) if in_place and not sharded else None
+    _check_recompile_limit(target, call)
+    controller = PhaseController(config, {id(p): n for n, p in target.named_parameters()}, target)
+    track(controller, target)
     backend = ResuBackend(controller)
     try:
-        if call is not None:
-            model._compiled_call_impl = torch.compile(
+        if sharded:
+            compile_sharded_forwards(target, backend, dynamic=dynamic, fullgraph=fullgraph)
+        elif call is not None:
+            target._compiled_call_impl = torch.compile(
                 call, backend=backend, dynamic=dynamic, fullgraph=fullgraph
             )
-            compiled = model
-        else:
-            compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        compiled = (
+            model
+            if in_place
+            else torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        )
     except BaseException:
         untrack(controller)
         raise

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from resu_compile.kernels.bits import count_bits, pack_bits, unpack_bits
+from resu_compile.shards import ShardLayout
 
 # Per-weight tensors a checkpoint carries (revived_bits: ever resurrected, for survival telemetry).
 _TENSOR_FIELDS = ("mask_bits", "select_bits", "revived_bits", "input_sq_norms")
@@ -24,7 +25,11 @@ _TENSOR_FIELDS = ("mask_bits", "select_bits", "revived_bits", "input_sq_norms")
 
 @dataclass
 class ManagedWeight:
-    """One managed Parameter and its RESU state."""
+    """One managed Parameter and its RESU state.
+
+    For a sharded parameter (``shard`` set: FSDP2), the bits, counts, ``shape`` and ``numel``
+    are those of this rank's shard; ``shard`` places it in the full weight.
+    """
 
     name: str
     param: torch.nn.Parameter
@@ -39,17 +44,23 @@ class ManagedWeight:
     keep_target: int | None = None
     #: theta's state is kept in ``theta_buffers`` only (the optimizer's slots are not free).
     theta_private: bool = False
+    shard: ShardLayout | None = None
     _active: int | None = field(default=None, repr=False)
     _selected: int | None = field(default=None, repr=False)
     _all_active_bits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> torch.Size:
-        return self.param.shape
+        return self.param.shape if self.shard is None else torch.Size(self.shard.local_shape)
 
     @property
     def numel(self) -> int:
-        return self.param.numel()
+        return self.param.numel() if self.shard is None else self.shape.numel()
+
+    @property
+    def total_numel(self) -> int:
+        """Elements of the full weight (all shards)."""
+        return self.numel if self.shard is None else self.shard.global_numel
 
     def mask(self) -> torch.Tensor | None:
         """Bool mask (True = active), or None while the weight has never been pruned."""

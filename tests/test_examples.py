@@ -6,6 +6,7 @@ Each runs in a subprocess, the way a user runs it (``python examples/X.py``, the
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import re
@@ -103,3 +104,24 @@ def test_ddp_two_ranks_agree_on_masks(tmp_path: Path) -> None:
     assert hashes["0"] == hashes["1"]
     assert "masks agree on all 2 ranks" in output
     _assert_done_at_sparsity(output, {"0.weight", "2.weight"})
+
+
+def test_fsdp_two_ranks_reach_the_target(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed.fsdp")
+    output = _run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(EXAMPLES / "fsdp.py"),
+        "--steps",
+        "20",
+        tmp_path=tmp_path,
+    )
+    assert "phase done" in output
+    (line,) = re.findall(r"whole-weight sparsity after the last commit: (.*)", output)
+    sparsities = ast.literal_eval(line)
+    assert set(sparsities) == {"0.weight", "2.weight", "4.weight"}
+    (overall,) = re.findall(r"model sparsity after the last commit: (.*)", output)
+    assert abs(float(overall) - 0.7) < 1e-3  # the default global rule: the total is exact

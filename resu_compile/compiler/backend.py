@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from resu_compile.compiler.distributed import sharded_parameter
 from resu_compile.compiler.names import frame_locals, root_module, source_name
 from resu_compile.compiler.passes.eligibility import is_lora_name, lora_adapter_ids, skip_reason
 from resu_compile.compiler.passes.match import WeightCandidate, find_weight_candidates
@@ -28,6 +29,7 @@ from resu_compile.compiler.registry import (
 )
 from resu_compile.config import ResuConfig
 from resu_compile.runtime.controller import PhaseController
+from resu_compile.shards import shard_layout
 from resu_compile.state import ManagedWeight
 
 
@@ -63,6 +65,7 @@ class GraphDispatcher:
         gm: fx.GraphModule,
         example_inputs: list[Any],
         managed: list[tuple[int, WeightCandidate, ManagedWeight]],
+        sharded: list[tuple[int, WeightCandidate, ManagedWeight]] | None = None,
     ) -> None:
         self._gm = gm
         self._example_inputs = list(example_inputs)
@@ -77,6 +80,13 @@ class GraphDispatcher:
                 controller,
                 [w for _, _, w in managed],
             )
+        # Weights gathered by FSDP2: registered (for every module whose forward reuses this
+        # graph) but not rewritten, since each rank holds the mask of its shard only.
+        self._controller = controller
+        self._sharded = sharded or []
+        self._bound_sharded: set[int] = set()
+        if self._sharded:
+            self._bound_sharded.add(id(example_inputs[self._sharded[0][0]]))
         self._tracing_context = torch._guards.TracingContext.try_get()
         self._variants: dict[str, Callable[..., Any]] = {}
         self._variant(
@@ -84,6 +94,8 @@ class GraphDispatcher:
         )
 
     def __call__(self, *args: Any) -> Any:
+        if self._sharded and id(args[self._sharded[0][0]]) not in self._bound_sharded:
+            self._bind_sharded(args)
         if not self._slots:
             return self._variants["dense"](*args)
         controller, weights = self._binding(args)
@@ -125,6 +137,35 @@ class GraphDispatcher:
             binding = self._bindings[id(first)] = (controller, weights)
         return binding
 
+    def _bind_sharded(self, args: tuple[Any, ...]) -> None:
+        """Register the sharded weights of another module whose forward runs this graph."""
+        controller = self._controller
+        module = module_of(controller)
+        for index, candidate, template in self._sharded:
+            param = sharded_parameter(module, args[index])
+            if param is None:
+                raise RuntimeError(
+                    "resu: a graph compiled for FSDP2-sharded weights received a parameter that "
+                    "no fully_shard-ed module of this model gathers"
+                )
+            register_sharded(controller, param, controller.name_of(param, template.name), candidate)
+        self._bound_sharded.add(id(args[self._sharded[0][0]]))
+
+
+def register_sharded(
+    controller: PhaseController, param: torch.Tensor, name: str, candidate: WeightCandidate
+) -> ManagedWeight:
+    """Register FSDP2's sharded ``param`` (``candidate`` is its gathered form in a graph): its
+    state is that of the local shard, and the optimizer step (never the graph) applies its mask."""
+    weight = controller.state.register(param, name)
+    if weight.shard is None:
+        weight.shard = shard_layout(param, name)
+    weight.graph_masked = False
+    weight.ops = sorted(set(weight.ops) | set(candidate.weight_ops))
+    if weight.input_dim is None:
+        weight.input_dim = candidate.input_dim
+    return weight
+
 
 def _extra_inputs(spec: VariantSpec, weights: list[ManagedWeight]) -> list[torch.Tensor]:
     """The per-weight tensors a variant takes after Dynamo's inputs."""
@@ -146,26 +187,32 @@ def compile_graph(
     f_locals = frame_locals()
     module = module_of(controller)
     adapters = lora_adapter_ids(module) if module is not None else None
-    managed = []
+    managed, sharded = [], []
     for candidate in find_weight_candidates(gm, example_inputs):
+        shard_of = sharded_parameter(module, candidate.param)
+        param = shard_of if shard_of is not None else candidate.param
         fallback = source_name(getattr(candidate.placeholder, "_dynamo_source", None), f_locals)
-        name = controller.name_of(candidate.param, fallback or candidate.placeholder.name)
-        lora = id(candidate.param) in adapters if adapters is not None else is_lora_name(name)
+        name = controller.name_of(param, fallback or candidate.placeholder.name)
+        lora = id(param) in adapters if adapters is not None else is_lora_name(name)
         reason = skip_reason(candidate, name, controller.config, lora)
         if reason is not None:
             # A weight managed from an earlier graph stays managed but is not rewritten here, so
             # this graph's gradient contribution is not masked: the optimizer step masks it.
-            known = controller.state.get(candidate.param)
+            known = controller.state.get(param)
             if known is not None:
                 known.graph_masked = False
-            controller.state.skip(name, candidate.param, reason)
+            controller.state.skip(name, param, reason)
+            continue
+        if shard_of is not None:
+            weight = register_sharded(controller, shard_of, name, candidate)
+            sharded.append((index_of[id(candidate.placeholder)], candidate, weight))
             continue
         weight = controller.state.register(candidate.param, name)
         weight.ops = sorted(set(weight.ops) | set(candidate.weight_ops))
         if weight.input_dim is None:
             weight.input_dim = candidate.input_dim
         managed.append((index_of[id(candidate.placeholder)], candidate, weight))
-    return GraphDispatcher(controller, gm, example_inputs, managed)
+    return GraphDispatcher(controller, gm, example_inputs, managed, sharded)
 
 
 class ResuBackend:

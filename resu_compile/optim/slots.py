@@ -20,6 +20,7 @@ import torch
 from resu_compile.kernels.bits import unpack_bits
 from resu_compile.kernels.masked_zero import zero_where_clear_
 from resu_compile.optim.updates import weight_shaped_state
+from resu_compile.shards import local
 from resu_compile.state import ManagedWeight
 
 # Names under which torch.optim keeps first / second moments.
@@ -36,8 +37,8 @@ def optimizer_slots(optimizer: torch.optim.Optimizer | None, weight: ManagedWeig
     def find(names: tuple[str, ...]) -> torch.Tensor | None:
         for name in names:
             value = state.get(name)
-            if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                return value
+            if isinstance(value, torch.Tensor) and value.shape == weight.param.shape:
+                return local(value)
         return None
 
     return find(FIRST_MOMENT_SLOTS), find(SECOND_MOMENT_SLOTS)
@@ -46,7 +47,7 @@ def optimizer_slots(optimizer: torch.optim.Optimizer | None, weight: ManagedWeig
 def own_buffer(weight: ManagedWeight, key: str) -> torch.Tensor:
     """A weight-shaped zero buffer of ``weight``'s own, created on first use."""
     if key not in weight.theta_buffers:
-        weight.theta_buffers[key] = torch.zeros_like(weight.param)
+        weight.theta_buffers[key] = torch.zeros_like(local(weight.param.detach()))
     return weight.theta_buffers[key]
 
 
@@ -98,7 +99,7 @@ def zero_where_pruned(
     for i, weight in enumerate(weights):
         if weight.mask_bits is None:
             continue
-        tensors.append(weight.param.data)
+        tensors.append(local(weight.param.data))
         bits.append(weight.mask_bits)
         for value in weight_shaped_state(optimizer, weight.param) if optimizer else []:
             tensors.append(value)

@@ -26,6 +26,7 @@ from resu_compile.optim.updates import (
     preserves_zeros,
     update_rule,
 )
+from resu_compile.shards import local
 from resu_compile.state import ManagedWeight
 
 
@@ -37,6 +38,8 @@ class StepPlan:
     (False only in a RESU phase with ``freeze_active``). ``graph_masked``: the compiled backward
     already zeroed the pruned gradients (``gradient_mask="graph"`` and the sparse variant served the
     forward of this step). ``freeze_others``: unmanaged parameters skip this step.
+    ``agree_nonfinite``: makes the NaN / Inf verdict every rank's (sharded weights: each rank sees
+    the gradient of its own shard only, and all must skip a step together).
     """
 
     weights: Sequence[ManagedWeight]
@@ -46,6 +49,7 @@ class StepPlan:
     mask_in_optimizer: bool
     freeze_others: bool
     raise_on_nonfinite: bool
+    agree_nonfinite: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 # How the mask reaches the update of one weight's active coordinates.
@@ -187,9 +191,9 @@ class ManagedStep:
         # optimizer's business, exactly as in dense training.
         ours = in_resu or any(r != NO_MASK for r in routes)
         if weights and (plan.raise_on_nonfinite or REMASK in routes):
-            current.skipped = bool(_nonfinite_flag(weights).item())
+            current.skipped = bool(_nonfinite_flag(weights, plan).item())
         elif weights and ours:
-            current.found_inf = _nonfinite_flag(weights)
+            current.found_inf = _nonfinite_flag(weights, plan)
             self._count_on_device(current.found_inf)
         if current.skipped:
             self._nonfinite_host += 1
@@ -331,7 +335,8 @@ class ManagedStep:
             zero_coordinates(optimizer, weight.param, ~weight.mask())
 
 
-def _nonfinite_flag(weights: list[ManagedWeight]) -> torch.Tensor:
+def _nonfinite_flag(weights: list[ManagedWeight], plan: StepPlan) -> torch.Tensor:
     """A 1-element float32 device tensor: 1 if any managed gradient holds NaN or Inf (one
-    launch per dtype on the GPU; nothing waits for it)."""
-    return any_nonfinite([w.param.grad for w in weights])  # type: ignore[misc]
+    launch per dtype on the GPU; nothing waits for it, unless ranks must agree)."""
+    flag = any_nonfinite([local(w.param.grad) for w in weights])  # type: ignore[arg-type]
+    return flag if plan.agree_nonfinite is None else plan.agree_nonfinite(flag)

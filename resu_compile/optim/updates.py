@@ -22,6 +22,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from resu_compile.kernels.masked_adam import ThetaAdamW, masked_adam_
 from resu_compile.kernels.masked_sgd import masked_sgd_
 from resu_compile.kernels.theta_update import theta_update_
+from resu_compile.shards import local
 
 __all__ = [
     "AdamStepCounts",
@@ -180,10 +181,10 @@ def _masked_adam(
     for step in sorted(set(steps)):
         pick = [i for i, s in enumerate(steps) if s == step]
         masked_adam_(
-            [params[i] for i in pick],
-            [grads[i] for i in pick],
-            [states[i]["exp_avg"] for i in pick],
-            [states[i]["exp_avg_sq"] for i in pick],
+            [local(params[i]) for i in pick],
+            [local(grads[i]) for i in pick],
+            [local(states[i]["exp_avg"]) for i in pick],
+            [local(states[i]["exp_avg_sq"]) for i in pick],
             [mask_bits[i] for i in pick],
             step=step,
             found_inf=found_inf,
@@ -224,9 +225,9 @@ def _masked_sgd(
     for flag in sorted(set(first)):
         pick = [i for i, f in enumerate(first) if f == flag]
         masked_sgd_(
-            [params[i] for i in pick],
-            [grads[i] for i in pick],
-            [states[i]["momentum_buffer"] for i in pick] if momentum != 0 else None,
+            [local(params[i]) for i in pick],
+            [local(grads[i]) for i in pick],
+            [local(states[i]["momentum_buffer"]) for i in pick] if momentum != 0 else None,
             [mask_bits[i] for i in pick],
             first_step=flag,
             found_inf=found_inf,
@@ -248,8 +249,8 @@ def theta_update(
     CUDA); with ``consistency`` (the statistics m, v of each weight) each gradient is weighted by
     ``C``. ``exp_avgs`` / ``exp_avg_sqs`` hold ``None`` where the rule keeps no such state."""
     theta_update_(
-        params,
-        grads,
+        [local(p) for p in params],
+        [local(g) for g in grads],
         select_bits,
         exp_avgs=exp_avgs,  # type: ignore[arg-type]  # the rule's own states only are read
         exp_avg_sqs=exp_avg_sqs,  # type: ignore[arg-type]
@@ -264,7 +265,7 @@ def weight_shaped_state(
 ) -> list[torch.Tensor]:
     """Every optimizer state tensor of ``param`` with ``param``'s shape."""
     return [
-        value
+        local(value)
         for value in optimizer.state.get(param, {}).values()
         if isinstance(value, torch.Tensor) and value.shape == param.shape
     ]

@@ -23,9 +23,11 @@ from resu_compile.method.schedule import amnesty_budget
 from resu_compile.optim.slots import reapply_masks, zero_where_pruned
 from resu_compile.optim.step import ManagedStep, StepPlan
 from resu_compile.optim.theta import ThetaSettings
-from resu_compile.runtime import checkpoint
+from resu_compile.runtime import checkpoint, sharded_checkpoint
+from resu_compile.runtime.distributed import any_rank
 from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
+from resu_compile.runtime.sharded import check_sharded_optimizer
 from resu_compile.runtime.transitions import (
     TransitionContext,
     check_pattern,
@@ -35,6 +37,7 @@ from resu_compile.runtime.transitions import (
     prune_weights,
     regrow_weights,
 )
+from resu_compile.shards import is_dtensor, local
 from resu_compile.state import ManagedWeight, StateManager
 from resu_compile.views.export import export_state_dict
 from resu_compile.views.report import render_report
@@ -158,10 +161,12 @@ class PhaseController:
     def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
         weights = list(self.state)
         if not weights:
+            self._check_sharded_after_compile()
             raise ValueError(
                 f"step(): no managed weight found: {self._why_none()}\n{self.report()}"
             )
         self._managed_step.validate(optimizer, weights)
+        check_sharded_optimizer(optimizer, weights)
         if self._optimizer_check is not None:
             self._check_optimizer_state(optimizer, weights)
         self.advance()
@@ -261,9 +266,23 @@ class PhaseController:
             self._rigl_update()
         self.advance()
 
+    def _check_sharded_after_compile(self) -> None:
+        """FSDP2 replaces a model's parameters with DTensors: sharding after ``resu.compile``
+        leaves the compiled model blind to them (FSDP's hooks stop Dynamo in every layer)."""
+        module = self.module()
+        if module is not None and any(
+            is_dtensor(p) and id(p) not in self._param_names for p in module.parameters()
+        ):
+            raise ValueError(
+                "step(): the model was sharded (fully_shard) after resu.compile, so no managed "
+                "weight can be found; apply fully_shard to the layers and the root first, then "
+                "call resu.compile(model)"
+            )
+
     def _plan(self, weights: list[ManagedWeight]) -> StepPlan:
         config = self.config
         in_resu = self.phase is Phase.RESU
+        sharded = any(w.shard is not None for w in weights)
         return StepPlan(
             weights=weights,
             theta=self._theta_settings() if in_resu else None,
@@ -272,6 +291,7 @@ class PhaseController:
             mask_in_optimizer=config.gradient_mask == "optimizer",
             freeze_others=config.freeze_others,
             raise_on_nonfinite=config.nan_policy == "raise",
+            agree_nonfinite=(lambda flag: any_rank(flag, weights)) if sharded else None,
         )
 
     def _theta_settings(self) -> ThetaSettings:
@@ -362,9 +382,12 @@ class PhaseController:
         raise_ = manual or self.config.nan_policy == "raise"
         weights = list(self.state)
         if weights:
-            flag = any_nonfinite([w.param.detach() for w in weights])
+            values = [local(w.param.detach()) for w in weights]
+            flag = any_rank(any_nonfinite(values), weights)  # every rank waits, or none
             if bool(flag.item()):
-                names = [w.name for w in weights if not torch.isfinite(w.param.detach()).all()]
+                names = [
+                    w.name for w, v in zip(weights, values, strict=True) if not v.isfinite().all()
+                ]
                 message = (
                     f"{purpose}: managed weight(s) {names} hold NaN or Inf, so their masks "
                     "cannot be chosen; nothing was changed"
@@ -573,6 +596,11 @@ class PhaseController:
 
     def export(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Plain state dict of the original model, managed weights times their masks."""
+        self._refuse_sharded(
+            "export()",
+            "outside a RESU phase the sharded weights hold exact zeros on pruned coordinates: "
+            "save them with torch.distributed.checkpoint.state_dict.get_model_state_dict",
+        )
         model = model if model is not None else self.module()
         if model is None:
             raise ValueError("export(): no model recorded at compile time; pass export(model)")
@@ -591,17 +619,68 @@ class PhaseController:
         """METHOD.md section 6 as a table: per layer and cycle, target and actual sparsity,
         resurrected weights and rate, churn, survivors and amnesty budget used, with model
         totals weighted by layer size (the data itself is ``history``)."""
-        sizes = {weight.name: weight.numel for weight in self.state}
+        sizes = {weight.name: weight.total_numel for weight in self.state}
         return render_history(self.history, layer_sizes=sizes, totals_only=totals_only)
 
     # -- persistence ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically (``torch.load(weights_only=True)``-safe)."""
+        self._refuse_sharded(
+            "state_dict()", "use sharded_state_dict() with torch.distributed.checkpoint"
+        )
         counters = {key: getattr(self, key) for key in checkpoint.COUNTERS}
         return checkpoint.save(
             self.config, self.phase, counters, self.history, self.state.state_dict()
         )
+
+    def _refuse_sharded(self, method: str, instead: str) -> None:
+        """Whole-weight views of a model whose weights are FSDP2 shards are not built."""
+        sharded = [w.name for w in self.state if w.shard is not None]
+        if sharded:
+            raise ValueError(
+                f"{method}: managed weights are FSDP2 shards ({sharded[0]!r}); {instead}"
+            )
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` for ``torch.distributed.checkpoint`` under FSDP2: per-coordinate state
+        as DTensors laid out as the weights (see :mod:`~resu_compile.runtime.sharded_checkpoint`).
+        Also the template to load into: build it after one forward pass of the new model."""
+        counters = {key: getattr(self, key) for key in checkpoint.COUNTERS}
+        weights = {w.name: sharded_checkpoint.weight_state(w) for w in self.state}
+        # A tuple is one value to DCP (a list of dicts would be flattened, key by key, and a
+        # template's shorter history would miss keys).
+        state = checkpoint.save(self.config, self.phase, counters, self.history, weights)
+        state["history"] = tuple(state["history"])
+        return state
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        """Apply a :meth:`sharded_state_dict` that ``torch.distributed.checkpoint.load`` filled
+        (at this or another world size)."""
+        # DCP keeps the history as one tuple value (see sharded_state_dict).
+        state = {**state, "history": list(state["history"])}
+        loaded = checkpoint.check(state, self.config, self.module())
+        weights = {w.name: w for w in self.state}
+        missing = sorted(set(weights) - set(state["weights"]))
+        if missing or len(weights) != len(state["weights"]):
+            raise ValueError(
+                "load_sharded_state_dict: the checkpoint's managed weights "
+                f"{sorted(state['weights'])} are not this model's {sorted(weights)} (run one "
+                "forward pass before building the template)"
+            )
+        for name, entry in state["weights"].items():
+            sharded_checkpoint.check_weight_state(weights[name], entry)
+        for name, entry in state["weights"].items():
+            sharded_checkpoint.load_weight_state(weights[name], entry)
+        for message in loaded.warnings:
+            warnings.warn(message, stacklevel=2)
+        counters = dict(loaded.counters)
+        self.phase = loaded.phase
+        self._managed_step.restore_nonfinite_steps(counters.pop("nonfinite_steps"))
+        for key, value in counters.items():
+            setattr(self, key, value)
+        self.history = list(state["history"])
+        self.pruned = any(entry["pruned"] for entry in state["weights"].values())
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore a :meth:`state_dict`; refuses (changing nothing) if it does not fit.

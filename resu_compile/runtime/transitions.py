@@ -2,6 +2,10 @@
 
 Prune (section 3), RigL's drop / grow, RESU entry (section 4) and the commit (section 5). The controller decides *when* a transition runs and keeps the phase bookkeeping;
 these functions decide *how*, and return the per-layer numbers its history records.
+
+Weights sharded by FSDP2 follow the same rules on their local shards: counts are over the whole
+weight, selections go through the distributed top-k and draws are cut from full-shape draws
+(:mod:`resu_compile.runtime.distributed`), so the masks are a single process's.
 """
 
 from __future__ import annotations
@@ -13,10 +17,9 @@ from typing import Any
 import torch
 
 from resu_compile.config import ResuConfig
-from resu_compile.kernels.bits import pack_bits
+from resu_compile.kernels.bits import count_bits, pack_bits
 from resu_compile.kernels.commit_bits import commit_bits
 from resu_compile.kernels.masked_zero import zero_where_clear_
-from resu_compile.kernels.segmented_topk import topk_bits
 from resu_compile.kernels.theta_entry import active_sigma, write_theta_
 from resu_compile.method.amnesty import (
     AmnestyQuotas,
@@ -32,6 +35,16 @@ from resu_compile.optim.slots import (
     zero_coordinates,
     zero_where_pruned,
 )
+from resu_compile.runtime.distributed import sum_over_shards, sum_rows_over_shards
+from resu_compile.runtime.sharded import (
+    check_sharded,
+    choose_bits,
+    draw,
+    full_shape,
+    global_keep_counts,
+    sharded_sigma,
+)
+from resu_compile.shards import local
 from resu_compile.state import ManagedWeight
 
 
@@ -58,16 +71,20 @@ def prune_weights(
     """
     config = ctx.config
     check_pattern(config, weights)
+    check_sharded(weights, criterion=criterion)
     scores = None
     if config.distribution == "uniform" or config.nm is not None:
-        counts = [keep_count(w.numel, sparsity) for w in weights]
+        counts = [keep_count(w.total_numel, sparsity) for w in weights]
+    elif config.distribution == "global" and any(w.shard is not None for w in weights):
+        scores = [_prune_scores(ctx, w, criterion) for w in weights]
+        counts = global_keep_counts(weights, scores, [w.mask() for w in weights], sparsity)
     else:
         scores = [_prune_scores(ctx, w, criterion) for w in weights]
         counts = layer_keep_counts(
-            [w.numel for w in weights],
+            [w.total_numel for w in weights],
             sparsity,
             config.distribution,
-            shapes=[tuple(w.shape) for w in weights],
+            shapes=[full_shape(w) for w in weights],
             scores=scores,
             eligible=[w.mask() for w in weights],
         )
@@ -81,20 +98,30 @@ def prune_weights(
     else:
         if scores is None:  # magnitude reads the weights themselves
             scores = [
-                w.param.detach() if criterion == "magnitude" else _prune_scores(ctx, w, criterion)
+                local(w.param.detach())
+                if criterion == "magnitude"
+                else _prune_scores(ctx, w, criterion)
                 for w in weights
             ]
         eligible = [None if w.mask_bits is None else (w.mask_bits, True) for w in weights]
-        new_bits = topk_bits(scores, counts, eligible, magnitude=True)
+        new_bits = choose_bits(weights, scores, counts, eligible, magnitude=True)
     for weight, bits, count in zip(weights, new_bits, counts, strict=True):
         if config.nm is not None:
             count = active = weight.numel * config.nm[0] // config.nm[1]
+        elif weight.shard is not None:
+            active = count_bits(bits)
         else:
             active = min(count, weight.active_count())
         weight.set_mask_bits(bits, active)
         weight.keep_target = count
     zero_where_pruned(ctx.optimizer, weights)
-    return {weight.name: weight.sparsity() for weight in weights}
+    return dict(zip([w.name for w in weights], total_sparsities(weights), strict=True))
+
+
+def total_sparsities(weights: list[ManagedWeight]) -> list[float]:
+    """Each weight's sparsity over the whole weight (all shards: one all-reduce of the counts)."""
+    actives = sum_over_shards(weights, [w.active_count() for w in weights])
+    return [1.0 - a / w.total_numel for w, a in zip(weights, actives, strict=True)]
 
 
 def _pattern_or_row_mask(
@@ -121,6 +148,10 @@ def check_pattern(config: ResuConfig, weights: list[ManagedWeight]) -> None:
 
 
 def _prune_scores(ctx: TransitionContext, weight: ManagedWeight, criterion: str) -> torch.Tensor:
+    if weight.shard is not None:  # check_sharded let only these two through
+        if criterion == "random":
+            return draw(weight, "rand", ctx.generator(weight, "prune"))
+        return local(weight.param.detach()).abs()
     return prune_scores(
         weight.param,
         criterion,
@@ -178,9 +209,10 @@ def enter_resu_weights(ctx: TransitionContext, weights: list[ManagedWeight]) -> 
     config = ctx.config
     for weight in weights:
         weight.theta_buffers.clear()
-    params = [w.param.data for w in weights]
+    params = [local(w.param.data) for w in weights]
     mask_bits = [w.mask_bits_or_all_active() for w in weights]
-    pruned_counts = [w.numel - w.active_count() for w in weights]
+    actives = sum_over_shards(weights, [w.active_count() for w in weights])
+    pruned_counts = [w.total_numel - int(a) for w, a in zip(weights, actives, strict=True)]
     pruned = [(bits, False) for bits in mask_bits]
     if config.selection == "topk":
         # S is chosen from G at the phase's first step (the theta step does it); until then no
@@ -190,23 +222,21 @@ def enter_resu_weights(ctx: TransitionContext, weights: list[ManagedWeight]) -> 
         zero_where_clear_(params, mask_bits)
     else:
         if config.selection == "random":
-            scores = [
-                torch.rand(w.shape, generator=ctx.generator(w, "select"), device=w.param.device)
-                for w in weights
-            ]
+            scores = [draw(w, "rand", ctx.generator(w, "select")) for w in weights]
             counts = [int(config.alpha * n) for n in pruned_counts]
         else:  # all of P: any scores, k = |P|
             scores, counts = params, pruned_counts
-        select_bits = topk_bits(scores, counts, pruned, magnitude=True)
+        select_bits = choose_bits(weights, scores, counts, pruned, magnitude=True)
         sigma = active_sigma(params, mask_bits, [w.active_count() for w in weights])
-        noise = [
-            torch.randn(w.shape, generator=ctx.generator(w, "theta"), device=w.param.device)
-            for w in weights
-        ]
+        sigma = sharded_sigma(weights, sigma)
+        noise = [draw(w, "randn", ctx.generator(w, "theta")) for w in weights]
         write_theta_(params, mask_bits, select_bits, noise, config.theta_init_eps * sigma)
     selected = {}
     for weight, bits, count in zip(weights, select_bits, counts, strict=True):
-        weight.set_selection(bits, 0 if config.selection == "topk" else count)
+        if config.selection == "topk":
+            weight.set_selection(bits, 0)
+        else:
+            weight.set_selection(bits, count if weight.shard is None else count_bits(bits))
         selected[weight.name] = count
     return selected
 
@@ -226,9 +256,12 @@ def commit_weights(
         return {}
     config = ctx.config
     old_bits = [w.mask_bits_or_all_active() for w in weights]
-    active_counts = [w.active_count() for w in weights]
+    local_actives = [w.active_count() for w in weights]
+    # Quotas and reported numbers count over whole weights (a shard's local counts, summed).
+    active_counts = [int(a) for a in sum_over_shards(weights, local_actives)]
+    selected_counts = sum_over_shards(weights, [w.selected_count() for w in weights])
     n_keeps = [
-        w.keep_target if w.keep_target is not None else keep_count(w.numel, target_sparsity)
+        w.keep_target if w.keep_target is not None else keep_count(w.total_numel, target_sparsity)
         for w in weights
     ]
     trained_bits = [
@@ -236,15 +269,17 @@ def commit_weights(
         for w, bits in zip(weights, old_bits, strict=True)
     ]
     quotas = [
-        amnesty_quotas(w.numel, active, w.selected_count(), n_keep, budget)
-        for w, active, n_keep in zip(weights, active_counts, n_keeps, strict=True)
+        amnesty_quotas(w.total_numel, active, int(selected), n_keep, budget)
+        for w, active, selected, n_keep in zip(
+            weights, active_counts, selected_counts, n_keeps, strict=True
+        )
     ]
     new_bits, actives = _winners(config, weights, old_bits, trained_bits, quotas, n_keeps)
     revived = _revived_on_device(weights, old_bits)
     outcome = commit_bits(old_bits, new_bits, trained_bits, revived, [w.numel for w in weights])
     carry_state = config.carry_theta_state or any(w.theta_buffers for w in weights)
     for weight, bits, active in zip(weights, new_bits, actives, strict=True):
-        weight.set_mask_bits(bits, active)
+        weight.set_mask_bits(bits, active if weight.shard is None else None)
     # Newly pruned coordinates lose weight and state; resurrected ones restart their state.
     zero_where_pruned(
         ctx.optimizer, weights, state_bits=None if carry_state else outcome.keep_state
@@ -259,19 +294,24 @@ def commit_weights(
                 rule=config.theta_optimizer,
                 selection=config.selection,
             )
-    counts = outcome.counts.tolist()  # the one host sync of the commit
+    local_counts = outcome.counts.tolist()  # the one host sync of the commit
+    counts = sum_rows_over_shards(weights, local_counts)
     _store_revived(weights, outcome.revived)
+    if not config.amnesty:  # the merge: every resurrected weight joins the old actives
+        for weight, active, row in zip(weights, local_actives, local_counts, strict=True):
+            weight.set_mask_bits(weight.mask_bits, active + row[0])
+    sparsities = total_sparsities(weights)
     layers = {}
-    for weight, active, quota, row in zip(weights, active_counts, quotas, counts, strict=True):
-        count, churn, survivors, trained_count = row
-        old_pruned = weight.numel - active
-        if not config.amnesty:  # the merge: every resurrected weight joins the old actives
-            weight.set_mask_bits(weight.mask_bits, active + count)
+    for weight, active, quota, row, sparsity in zip(
+        weights, active_counts, quotas, counts, sparsities, strict=True
+    ):
+        count, churn, survivors, trained_count = (int(c) for c in row)
+        old_pruned = weight.total_numel - active
         weight.set_selection(None)
         weight.theta_buffers.clear()
         layers[weight.name] = {
             "target": target_sparsity,
-            "sparsity": weight.sparsity(),
+            "sparsity": sparsity,
             "resurrected": count,
             # Winners that trained as theta (all of them, unless a densifying commit needed more).
             "resurrected_trained": trained_count,
@@ -322,11 +362,12 @@ def _tournaments(
     places, then any shortfall is filled from the rest of A, then from the rest of T, then from
     the untrained pruned coordinates by ``|G|`` (ties: lower index)."""
     scores = [
-        w.param.data if config.amnesty_score == "magnitude" else _amnesty_scores(config, w)
+        local(w.param.data) if config.amnesty_score == "magnitude" else _amnesty_scores(config, w)
         for w in weights
     ]
     n = len(weights)
-    groups = topk_bits(
+    groups = choose_bits(
+        weights + weights,
         scores + scores,
         [q.from_active for q in quotas] + [q.from_trained for q in quotas],
         [(bits, True) for bits in old_bits] + [(bits, True) for bits in trained_bits],
@@ -340,14 +381,15 @@ def _tournaments(
         (
             "untrained",
             lambda i: (old_bits[i] | trained_bits[i], False),
-            lambda i: untrained_scores(weights[i].param.grad, scores[i]),
+            lambda i: untrained_scores(_local_grad(weights[i]), scores[i]),
         ),
     )
     for quota, eligible, ranking in shortfalls:
         short = [i for i, q in enumerate(quotas) if getattr(q, quota) > 0]
         if not short:
             continue
-        found = topk_bits(
+        found = choose_bits(
+            [weights[i] for i in short],
             [ranking(i) for i in short],
             [getattr(quotas[i], quota) for i in short],
             [eligible(i) for i in short],
@@ -427,16 +469,21 @@ def _host_buffer(numel: int, device: torch.device) -> torch.Tensor:
 
 def _amnesty_scores(config: ResuConfig, weight: ManagedWeight) -> torch.Tensor:
     score = config.amnesty_score
-    gradient = weight.param.grad
+    gradient = _local_grad(weight)
     if score == "gradient" and gradient is None:
         raise RuntimeError(
             f"commit: amnesty_score 'gradient' needs G of {weight.name!r} from the last RESU "
             "step: call commit() after backward() and before zero_grad()"
         )
     return amnesty_scores(
-        weight.param,
+        local(weight.param),
         score,
         gradient=gradient,
         input_norms=input_norms(weight, "amnesty_score 'wanda'") if score == "wanda" else None,
         input_dim=weight.input_dim if weight.input_dim is not None else 1,
     )
+
+
+def _local_grad(weight: ManagedWeight) -> torch.Tensor | None:
+    grad = weight.param.grad
+    return None if grad is None else local(grad)
