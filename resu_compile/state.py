@@ -50,6 +50,12 @@ class ManagedWeight:
     _all_active_bits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
+    def reduction_dim(self) -> int:
+        """The dim the weight's matmul reduces over (its inputs): ``input_dim`` where the pass
+        found one (0 for GPT-2's ``(in, out)`` ``Conv1D``), else 1 (``nn.Linear``'s layout)."""
+        return 1 if self.input_dim is None else self.input_dim
+
+    @property
     def shape(self) -> torch.Size:
         return self.param.shape if self.shard is None else torch.Size(self.shard.local_shape)
 

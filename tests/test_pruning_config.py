@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import resu_compile as resu
-from resu_compile.method.pruning import layer_keep_counts, rowwise_topk_mask
+from resu_compile.method.pruning import layer_keep_counts, nm_mask, rowwise_topk_mask
 from resu_compile.method.schedule import keep_count
 from tests.zoo import ZOO_BY_NAME
 
@@ -67,3 +67,19 @@ def test_wanda_needs_a_calibrate_pass_and_then_compares_within_rows() -> None:
         count = keep_count(weight.numel, 0.6)
         assert torch.equal(weight.mask(), rowwise_topk_mask(scores, count, output_dim=0))
         assert int(weight.mask().sum()) == count
+
+
+def test_two_four_pattern_groups_a_transposed_conv1d_weight_along_its_inputs() -> None:
+    """GPT-2's ``Conv1D`` stores ``(in, out)``: the N:M groups run along dim 0, its inputs."""
+    entry = ZOO_BY_NAME["conv1d_gpt2"]
+    model = entry.build()
+    compiled = resu.compile(model, sparsity=0.5, pattern="2:4", manual=True, compiler="aot_eager")
+    compiled(*entry.make_batch(0))
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    compiled.resu.prune()
+    for weight in compiled.resu.state:
+        assert weight.input_dim == 0, weight.name
+        expected = nm_mask(weights[weight.name].abs(), 2, 4, input_dim=0)
+        assert torch.equal(weight.mask(), expected), weight.name
+        groups = weight.mask().reshape(-1, 4, weight.shape[1]).sum(dim=1)
+        assert torch.equal(groups, torch.full_like(groups, 2)), weight.name

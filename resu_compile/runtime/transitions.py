@@ -129,7 +129,7 @@ def _pattern_or_row_mask(
 ) -> torch.Tensor:
     """The N:M mask, or Wanda's (top-k compared within each output row)."""
     if config.nm is not None:
-        return nm_mask(scores, *config.nm, input_dim=weight.input_dim or 1)
+        return nm_mask(scores, *config.nm, input_dim=weight.reduction_dim)
     return keep_top(scores, count, weight.mask(), per_row=True, output_dim=1 - weight.input_dim)
 
 
@@ -139,7 +139,7 @@ def check_pattern(config: ResuConfig, weights: list[ManagedWeight]) -> None:
         return
     m = config.nm[1]
     for weight in weights:
-        size = weight.shape[weight.input_dim or 1]
+        size = weight.shape[weight.reduction_dim]
         if size % m:
             raise ValueError(
                 f"pattern {config.pattern!r}: managed weight {weight.name!r} has "
@@ -342,7 +342,7 @@ def _winners(
         ] * len(weights)
     if config.nm is not None:  # the pattern fixes every group's places: no quota
         bits = [
-            pack_bits(nm_mask(_amnesty_scores(config, w), *config.nm, input_dim=w.input_dim or 1))
+            pack_bits(nm_mask(_amnesty_scores(config, w), *config.nm, input_dim=w.reduction_dim))
             for w in weights
         ]
         return bits, list(n_keeps)
