@@ -20,7 +20,8 @@ import torch
 from resu_compile.config import ResuConfig
 from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.method.schedule import amnesty_budget
-from resu_compile.optim.slots import reapply_masks, zero_where_pruned
+from resu_compile.optim.clip import clip_applied_grad_norm_
+from resu_compile.optim.slots import reapply_masks
 from resu_compile.optim.step import ManagedStep, StepPlan
 from resu_compile.optim.theta import ThetaSettings
 from resu_compile.runtime import checkpoint, sharded_checkpoint
@@ -28,6 +29,12 @@ from resu_compile.runtime.distributed import any_rank
 from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
 from resu_compile.runtime.sharded import check_sharded_optimizer
+from resu_compile.runtime.step_guards import (
+    check_calibration_for,
+    check_not_sharded_after_compile,
+    check_optimizer_state,
+    why_no_managed_weight,
+)
 from resu_compile.runtime.transitions import (
     TransitionContext,
     check_pattern,
@@ -37,7 +44,7 @@ from resu_compile.runtime.transitions import (
     prune_weights,
     regrow_weights,
 )
-from resu_compile.shards import is_dtensor, local
+from resu_compile.shards import local
 from resu_compile.state import ManagedWeight, StateManager
 from resu_compile.views.export import export_state_dict
 from resu_compile.views.report import render_report
@@ -161,51 +168,27 @@ class PhaseController:
     def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
         weights = list(self.state)
         if not weights:
-            self._check_sharded_after_compile()
-            raise ValueError(
-                f"step(): no managed weight found: {self._why_none()}\n{self.report()}"
-            )
+            check_not_sharded_after_compile(self.module(), self._param_names)
+            why = why_no_managed_weight(self.module())
+            raise ValueError(f"step(): no managed weight found: {why}\n{self.report()}")
         self._managed_step.validate(optimizer, weights)
         check_sharded_optimizer(optimizer, weights)
         if self._optimizer_check is not None:
-            self._check_optimizer_state(optimizer, weights)
+            mode, self._optimizer_check = self._optimizer_check, None
+            try:
+                check_optimizer_state(
+                    mode,
+                    optimizer,
+                    weights,
+                    step_count=self.step_count,
+                    in_resu=self.phase is Phase.RESU,
+                )
+            except ValueError:
+                self._optimizer_check = mode  # refused: checked again at the next step
+                raise
         self.advance()
         self._check_upcoming(weights)
         self._managed_step.begin(optimizer, self._plan(weights))
-
-    def _check_optimizer_state(
-        self, optimizer: torch.optim.Optimizer, weights: list[ManagedWeight]
-    ) -> None:
-        """At the first step of a run, or the first after a load: the optimizer's state must
-        belong to the resu state (:func:`checkpoint.optimizer_problems`). After a load a problem
-        is refused (the check runs again at the next step), or with ``strict=False`` warned about
-        and the masks applied to the state; at a fresh start, an optimizer that has stepped
-        already says that a resumed run did not load the resu state."""
-        mode, self._optimizer_check = self._optimizer_check, None
-        trainable = [w for w in weights if w.param.requires_grad]
-        if mode == "fresh":
-            taken = checkpoint.steps_taken(optimizer, trainable)
-            if taken:
-                warnings.warn(
-                    f"step(): the optimizer has taken {taken} steps already but the resu schedule "
-                    "starts at step 0, dense: if you resumed a run, load model.resu's state_dict "
-                    "saved with it too",
-                    stacklevel=4,
-                )
-            return
-        problems = checkpoint.optimizer_problems(
-            optimizer, trainable, resumed_at=self.step_count, in_resu=self.phase is Phase.RESU
-        )
-        if not problems:
-            return
-        message = "step(): " + "; ".join(problems)
-        if mode == "strict":
-            self._optimizer_check = mode
-            raise ValueError(message + " (or load the resu state with strict=False)")
-        warnings.warn(message + "; continuing (strict=False)", stacklevel=4)
-        if self.phase is not Phase.RESU:
-            with torch.no_grad():
-                zero_where_pruned(optimizer, trainable)
 
     def _check_upcoming(self, weights: list[ManagedWeight]) -> None:
         """Refuse, before this step's update, what would fail in the transition due after it:
@@ -214,42 +197,11 @@ class PhaseController:
         if len(weights) != self._pattern_checked:
             check_pattern(self.config, weights)
             self._pattern_checked = len(weights)
-        if self.config.manual:
-            return
-        upcoming = self.schedule.due(
-            Progress(self.phase, self.cycle, self.step_count + 1, self.pruned)
-        )
-        if upcoming is None:
-            return
-        if upcoming.kind == "prune" and upcoming.criterion == "wanda":
-            purpose = "criterion 'wanda' (the prune due after this step)"
-        elif (
-            upcoming.kind == "commit"
-            and self.config.amnesty
-            and self.config.amnesty_score == "wanda"
-        ):
-            purpose = "amnesty_score 'wanda' (the commit due after this step)"
-        else:
-            return
-        for weight in weights:
-            input_norms(weight, purpose)
-
-    def _why_none(self) -> str:
-        """Why no graph registered a weight: no forward yet, or one that bypassed the backend."""
-        module = self.module()
-        if module is None or all(p.grad is None for p in module.parameters()):
-            return (
-                "no forward pass has run through the compiled model yet (attach() may come "
-                "before the first forward; step() must follow a forward and backward), or no "
-                "weight qualifies"
+        if not self.config.manual:
+            upcoming = self.schedule.due(
+                Progress(self.phase, self.cycle, self.step_count + 1, self.pruned)
             )
-        return (
-            "a backward pass ran, but no graph reached the resu backend: the forward must run "
-            "through the module resu.compile returned, not the original model nor a "
-            "torch.compile() of the result (that compiles it with another backend); Dynamo also "
-            "runs a frame uncompiled past its recompile limit "
-            f"({torch._dynamo.config.recompile_limit}, see the warnings)"
-        )
+            check_calibration_for(self.config, upcoming, weights)
 
     def _end_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._managed_step.finish(optimizer)
@@ -265,19 +217,6 @@ class PhaseController:
         ) and self._weights_finite("rigl_update"):
             self._rigl_update()
         self.advance()
-
-    def _check_sharded_after_compile(self) -> None:
-        """FSDP2 replaces a model's parameters with DTensors: sharding after ``resu.compile``
-        leaves the compiled model blind to them (FSDP's hooks stop Dynamo in every layer)."""
-        module = self.module()
-        if module is not None and any(
-            is_dtensor(p) and id(p) not in self._param_names for p in module.parameters()
-        ):
-            raise ValueError(
-                "step(): the model was sharded (fully_shard) after resu.compile, so no managed "
-                "weight can be found; apply fully_shard to the layers and the root first, then "
-                "call resu.compile(model)"
-            )
 
     def _plan(self, weights: list[ManagedWeight]) -> StepPlan:
         config = self.config
@@ -337,18 +276,13 @@ class PhaseController:
             if module is None:
                 raise ValueError("clip_grad_norm_(): no model recorded; pass parameters=")
             parameters = module.parameters()
-        params = [p for p in parameters if p.grad is not None]
         masked = self.pruned and self.phase is not Phase.RESU and not self.needs_dense_gradient()
-        grads = []
-        for param in params:
+
+        def mask_of(param: torch.Tensor) -> torch.Tensor | None:
             weight = self.state.get(param) if masked else None
-            if weight is None or weight.mask_bits is None:
-                grads.append(param.grad)
-            else:
-                grads.append(param.grad.masked_fill(~weight.mask(), 0))
-        total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
+            return None if weight is None or weight.mask_bits is None else weight.mask()
+
+        return clip_applied_grad_norm_(parameters, mask_of, max_norm, norm_type, error_if_nonfinite)
 
     # -- schedule ---------------------------------------------------------------------------
 
