@@ -359,6 +359,11 @@ def _train(
         "trace_limit": trace_limit,
         "transitions": [{"event": e["event"], "step": e["step"]} for e in history],
         "actual_sparsity": pruned / total,
+        # Per layer, so a layer rule's shares (global, ERK) can be read off every run.
+        "layer_sparsity": {
+            name: 0.0 if mask is None else 1.0 - int(mask.sum()) / mask.numel()
+            for name, mask in masks.items()
+        },
         "managed_weights": total,
         "resurrected": sum(resurrected),
         "resurrected_per_cycle": resurrected,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -83,3 +85,23 @@ def test_two_four_pattern_groups_a_transposed_conv1d_weight_along_its_inputs() -
         assert torch.equal(weight.mask(), expected), weight.name
         groups = weight.mask().reshape(-1, 4, weight.shape[1]).sum(dim=1)
         assert torch.equal(groups, torch.full_like(groups, 2)), weight.name
+
+
+def test_the_global_rule_says_when_it_leaves_a_layer_almost_empty() -> None:
+    """A down-scaled layer ranks below every other under one threshold: the prune still keeps
+    the exact total, and warns naming the layer and what bounds it."""
+    _, model, compiled = _compiled(distribution="global")
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-4)
+    with pytest.warns(UserWarning, match=r"fc2\.weight \(0 of \d+\).*distribution='erk'"):
+        compiled.resu.prune(0.6)
+    weights = list(compiled.resu.state)
+    total = sum(w.numel for w in weights)
+    assert sum(w.active_count() for w in weights) == keep_count(total, 0.6)
+
+
+def test_the_global_rule_is_quiet_on_layers_of_one_scale() -> None:
+    _, _, compiled = _compiled(distribution="global")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled.resu.prune(0.6)
