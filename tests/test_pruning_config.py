@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 import resu_compile as resu
-from resu_compile.method.pruning import layer_keep_counts, nm_mask, rowwise_topk_mask
+from resu_compile.method.pruning import (
+    GLOBAL_FLOOR_SHARE,
+    global_floors,
+    layer_keep_counts,
+    nm_mask,
+    rowwise_topk_mask,
+)
 from resu_compile.method.schedule import keep_count
+from resu_compile.method.topk import topk_mask
 from tests.zoo import ZOO_BY_NAME
 
 
@@ -87,21 +92,27 @@ def test_two_four_pattern_groups_a_transposed_conv1d_weight_along_its_inputs() -
         assert torch.equal(groups, torch.full_like(groups, 2)), weight.name
 
 
-def test_the_global_rule_says_when_it_leaves_a_layer_almost_empty() -> None:
-    """A down-scaled layer ranks below every other under one threshold: the prune still keeps
-    the exact total, and warns naming the layer and what bounds it."""
+def test_the_global_rule_keeps_a_floor_in_a_layer_of_small_weights() -> None:
+    """A down-scaled layer ranks below every other under one threshold: it keeps its floor (its
+    own top scores), the rest is chosen globally, and the total stays exact."""
     _, model, compiled = _compiled(distribution="global")
     with torch.no_grad():
         model.fc2.weight.mul_(1e-4)
-    with pytest.warns(UserWarning, match=r"fc2\.weight \(0 of \d+\).*distribution='erk'"):
-        compiled.resu.prune(0.6)
-    weights = list(compiled.resu.state)
-    total = sum(w.numel for w in weights)
-    assert sum(w.active_count() for w in weights) == keep_count(total, 0.6)
+    small = model.fc2.weight.detach().abs().clone()
+    compiled.resu.prune(0.6)
+    weights = {w.name: w for w in compiled.resu.state}
+    floor = global_floors([weights["fc2.weight"].numel], 0.6)[0]
+    assert floor == int(GLOBAL_FLOOR_SHARE * keep_count(weights["fc2.weight"].numel, 0.6)) > 0
+    assert torch.equal(weights["fc2.weight"].mask(), topk_mask(small, floor))
+    total = sum(w.numel for w in weights.values())
+    assert sum(w.active_count() for w in weights.values()) == keep_count(total, 0.6)
 
 
-def test_the_global_rule_is_quiet_on_layers_of_one_scale() -> None:
-    _, _, compiled = _compiled(distribution="global")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        compiled.resu.prune(0.6)
+def test_the_global_rule_without_a_binding_floor_is_one_threshold() -> None:
+    _, model, compiled = _compiled(distribution="global")
+    scores = {n: p.detach().abs().clone() for n, p in model.named_parameters() if p.dim() == 2}
+    compiled.resu.prune(0.6)
+    flat = torch.cat([scores[w.name].reshape(-1) for w in compiled.resu.state])
+    chosen = topk_mask(flat, keep_count(flat.numel(), 0.6))
+    masks = torch.cat([w.mask().reshape(-1) for w in compiled.resu.state])
+    assert torch.equal(masks, chosen)

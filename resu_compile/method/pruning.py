@@ -189,7 +189,9 @@ def layer_keep_counts(
 
     - ``uniform``: ``int((1 - s) * N)`` for every layer.
     - ``global``: one threshold over all layers' ``scores``: the top ``int((1 - s) * sum N)``
-      scores overall stay (among ``eligible``, if given; ties by layer order, then index).
+      scores overall stay (among ``eligible``, if given; ties by layer order, then index), every
+      layer keeping at least :data:`GLOBAL_FLOOR_SHARE` of its uniform count (its own top
+      scores), so that a layer of small weights is never pruned away whole.
     - ``erk``: Erdos-Renyi-Kernel (RigL ``get_sparsities``, power scale 1): a layer's density is
       ``eps * sum(shape) / prod(shape)``, over (out, in, *kernel) for a convolution kernel and
       ``(out + in) / (out * in)`` for a 2-D weight; layers whose density would exceed 1 are made dense (the
@@ -211,22 +213,27 @@ def layer_keep_counts(
             raise ValueError("scores: expected one tensor per layer with that layer's numel")
         if not numels:
             return []
+        if eligible is not None and len(eligible) != len(numels):
+            raise ValueError("eligible: expected one mask (or None) per layer")
         device = scores[0].device
-        flat = torch.cat([t.detach().reshape(-1).float().to(device) for t in scores])
-        elig = None
-        if eligible is not None:
-            if len(eligible) != len(numels):
-                raise ValueError("eligible: expected one mask (or None) per layer")
-            elig = torch.cat(
-                [
-                    torch.ones(n, dtype=torch.bool, device=device)
-                    if e is None
-                    else e.reshape(-1).bool().to(device)
-                    for e, n in zip(eligible, numels, strict=True)
-                ]
-            )
-        chosen = topk_mask(flat, target, eligible=elig)
-        return [int(part.sum()) for part in torch.split(chosen, numels)]
+        layers = [t.detach().reshape(-1).float().to(device) for t in scores]
+        allowed = [
+            torch.ones(n, dtype=torch.bool, device=device)
+            if eligible is None or eligible[i] is None
+            else eligible[i].reshape(-1).bool().to(device)
+            for i, n in enumerate(numels)
+        ]
+        floors = global_floors(numels, sparsity)
+        kept = [
+            topk_mask(t, f, eligible=a) for t, f, a in zip(layers, floors, allowed, strict=True)
+        ]
+        rest = target - sum(int(k.sum()) for k in kept)
+        others = torch.cat([a & ~k for a, k in zip(allowed, kept, strict=True)])
+        chosen = topk_mask(torch.cat(layers), rest, eligible=others)
+        return [
+            int(k.sum()) + int(part.sum())
+            for k, part in zip(kept, torch.split(chosen, numels), strict=True)
+        ]
     if distribution == "erk":
         if shapes is None or len(shapes) != len(numels):
             raise ValueError("shapes: the erk distribution needs one shape per layer")
@@ -235,6 +242,20 @@ def layer_keep_counts(
                 raise ValueError(f"shapes: shape {tuple(shape)} does not hold {n} elements")
         return _erk_counts([[int(d) for d in s] for s in shapes], numels, target)
     raise ValueError(f"distribution: unknown layer distribution {distribution!r}")
+
+
+#: The share of its uniform count every layer keeps under the ``global`` distribution.
+GLOBAL_FLOOR_SHARE = 0.1
+
+
+def global_floors(numels: Sequence[int], sparsity: float) -> list[int]:
+    """Each layer's guaranteed count under ``global``: :data:`GLOBAL_FLOOR_SHARE` of
+    ``int((1 - s) * N)``, at least one coordinate where the uniform rule keeps any."""
+    floors = []
+    for n in numels:
+        uniform = keep_count(n, sparsity)
+        floors.append(min(uniform, max(1, int(GLOBAL_FLOOR_SHARE * uniform))) if uniform else 0)
+    return floors
 
 
 def _erk_counts(shapes: list[list[int]], numels: list[int], target: int) -> list[int]:

@@ -12,6 +12,7 @@ import torch
 from resu_compile.config import ResuConfig
 from resu_compile.kernels.bits import pack_bits, unpack_bits
 from resu_compile.kernels.segmented_topk import topk_bits
+from resu_compile.method.pruning import global_floors
 from resu_compile.method.schedule import keep_count
 from resu_compile.method.sharded_topk import sharded_topk_masks
 from resu_compile.optim.updates import update_rule
@@ -110,7 +111,9 @@ def global_keep_counts(
 ) -> list[int]:
     """The ``global`` distribution's per-weight counts (one threshold over every layer's scores)
     when the weights are FSDP2 shards: one distributed selection over all local scores at once,
-    then one all-reduce of each layer's chosen count; no weight leaves its rank. Ties at the
+    then one all-reduce of each layer's chosen count; no weight leaves its rank. Each layer's
+    floor (:func:`~resu_compile.method.pruning.global_floors`) is chosen first, in one selection
+    over the layers apart. Ties at the
     threshold go by rank, then layer, then index (a single process: layer, then index), which
     changes a count only when scores are exactly equal there."""
     groups = groups_of(weights)
@@ -121,21 +124,25 @@ def global_keep_counts(
         )
     counts, indices = next(iter(groups.values()))
     target = keep_count(sum(w.total_numel for w in weights), sparsity)
-    flat = torch.cat([scores[i].reshape(-1).float() for i in indices])
-    allowed = torch.cat(
-        [
-            torch.ones(scores[i].numel(), dtype=torch.bool, device=flat.device)
-            if eligible[i] is None
-            else eligible[i].reshape(-1).to(flat.device)
-            for i in indices
-        ]
-    )
-    (chosen,), _ = sharded_topk_masks([flat], [target], [allowed], counts)
-    parts = chosen.split([scores[i].numel() for i in indices])
+    layers = [scores[i].reshape(-1).float() for i in indices]
+    allowed = [
+        torch.ones(t.numel(), dtype=torch.bool, device=t.device)
+        if eligible[i] is None
+        else eligible[i].reshape(-1).to(t.device)
+        for t, i in zip(layers, indices, strict=True)
+    ]
+    floors = global_floors([weights[i].total_numel for i in indices], sparsity)
+    kept, taken = sharded_topk_masks(layers, floors, allowed, counts)
+    others = torch.cat([a & ~k for a, k in zip(allowed, kept, strict=True)])
+    (chosen,), _ = sharded_topk_masks([torch.cat(layers)], [target - sum(taken)], [others], counts)
     local_counts = [0] * len(weights)
+    parts = chosen.split([t.numel() for t in layers])
     for i, part in zip(indices, parts, strict=True):
         local_counts[i] = int(part.sum())
-    return [int(total) for total in sum_over_shards(weights, local_counts)]
+    totals = sum_over_shards(weights, local_counts)
+    for j, i in enumerate(indices):
+        totals[i] += taken[j]
+    return [int(total) for total in totals]
 
 
 def sharded_sigma(weights: Sequence[ManagedWeight], sigma: torch.Tensor) -> torch.Tensor:

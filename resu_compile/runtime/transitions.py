@@ -10,7 +10,6 @@ weight, selections go through the distributed top-k and draws are cut from full-
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,8 +88,6 @@ def prune_weights(
             scores=scores,
             eligible=[w.mask() for w in weights],
         )
-    if config.distribution == "global":
-        _warn_starved_layers(weights, counts, sparsity)
     if config.nm is not None or criterion == "wanda":
         if scores is None:
             scores = [_prune_scores(ctx, w, criterion) for w in weights]
@@ -119,28 +116,6 @@ def prune_weights(
         weight.keep_target = count
     zero_where_pruned(ctx.optimizer, weights)
     return dict(zip([w.name for w in weights], total_sparsities(weights), strict=True))
-
-
-#: A layer the global threshold leaves below this fraction of its uniform share is reported.
-STARVED_SHARE = 0.1
-
-
-def _warn_starved_layers(weights: list[ManagedWeight], counts: list[int], sparsity: float) -> None:
-    """One global threshold ranks layers of different scales together: a layer of small weights
-    (a zero- or down-scaled initialisation) can lose nearly all of its coordinates, or all of
-    them, and the commit keeps each layer's count. Say so, with what bounds it."""
-    starved = [
-        f"{w.name} ({count} of {w.total_numel})"
-        for w, count in zip(weights, counts, strict=True)
-        if count < STARVED_SHARE * keep_count(w.total_numel, sparsity)
-    ]
-    if starved:
-        warnings.warn(
-            f"prune to {sparsity}: distribution='global' keeps less than {STARVED_SHARE:.0%} of "
-            f"the uniform share in {', '.join(starved)}; pass distribution='erk' or 'uniform' "
-            "to bound every layer, or exclude= to keep a layer dense",
-            stacklevel=2,
-        )
 
 
 def total_sparsities(weights: list[ManagedWeight]) -> list[float]:
