@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import resu_compile as resu
+from resu_examples.launch import start_process_group
 
 FEATURES, CLASSES, HIDDEN = 32, 8, 128
 
@@ -44,16 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="per-rank batch (default 32)")
     args = parser.parse_args(argv)
 
-    if "LOCAL_RANK" not in os.environ:
-        raise SystemExit("run me through torchrun: torchrun --nproc_per_node 2 examples/ddp.py")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = start_process_group("ddp.py")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts them)
@@ -68,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compiled = resu.compile(
             model, sparsity=args.sparsity, cycles=2, total_steps=args.steps, compiler=compiler
         )
-        ddp = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None)
+        ddp = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(1 + rank)  # each rank its own data shard
 

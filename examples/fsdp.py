@@ -11,7 +11,6 @@ active count of its shards, and rank 0 prints the whole-weight sparsities of the
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 import resu_compile as resu
+from resu_examples.launch import start_process_group
 
 FEATURES, CLASSES, HIDDEN = 32, 8, 128
 
@@ -30,16 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="per-rank batch (default 32)")
     args = parser.parse_args(argv)
 
-    if "LOCAL_RANK" not in os.environ:
-        raise SystemExit("run me through torchrun: torchrun --nproc_per_node 2 examples/fsdp.py")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = start_process_group("fsdp.py")
     rank = dist.get_rank()
     try:
         torch.manual_seed(0)

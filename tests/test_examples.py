@@ -86,19 +86,24 @@ def test_cnn_small(tmp_path: Path) -> None:
     _assert_done_at_sparsity(output, {"7.weight", "9.weight"})
 
 
-def test_ddp_two_ranks_agree_on_masks(tmp_path: Path) -> None:
-    pytest.importorskip("torch.distributed")
-    output = _run(
+def _torchrun(script: str, tmp_path: Path) -> str:
+    """An example on two CPU ranks through torchrun, 20 steps."""
+    return _run(
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
         "2",
-        str(EXAMPLES / "ddp.py"),
+        str(EXAMPLES / script),
         "--steps",
         "20",
         tmp_path=tmp_path,
     )
+
+
+def test_ddp_two_ranks_agree_on_masks(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed")
+    output = _torchrun("ddp.py", tmp_path)
     hashes = dict(re.findall(r"rank (\d)/2: mask hash ([0-9a-f]+)", output))
     assert set(hashes) == {"0", "1"}, output
     assert hashes["0"] == hashes["1"]
@@ -108,17 +113,7 @@ def test_ddp_two_ranks_agree_on_masks(tmp_path: Path) -> None:
 
 def test_fsdp_two_ranks_reach_the_target(tmp_path: Path) -> None:
     pytest.importorskip("torch.distributed.fsdp")
-    output = _run(
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(EXAMPLES / "fsdp.py"),
-        "--steps",
-        "20",
-        tmp_path=tmp_path,
-    )
+    output = _torchrun("fsdp.py", tmp_path)
     assert "phase done" in output
     (line,) = re.findall(r"whole-weight sparsity after the last commit: (.*)", output)
     sparsities = ast.literal_eval(line)

@@ -61,13 +61,7 @@ def groups_of(weights: Sequence[ManagedWeight]) -> dict[int, tuple[GroupCounts, 
 def sum_over_shards(weights: Sequence[ManagedWeight], values: Sequence[float]) -> list[float]:
     """``values[i]`` summed over the shards of weight ``i`` (as given for an unsharded one): one
     all-reduce per process group."""
-    out = list(values)
-    for counts, indices in groups_of(weights).values():
-        device = weights[indices[0]].param.device
-        part = torch.tensor([values[i] for i in indices], dtype=torch.float64, device=device)
-        for i, total in zip(indices, counts.total(part).tolist(), strict=True):
-            out[i] = total
-    return out
+    return [row[0] for row in sum_rows_over_shards(weights, [[value] for value in values])]
 
 
 def sum_rows_over_shards(
