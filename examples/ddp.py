@@ -82,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(set(hashes)) != 1:
             raise SystemExit(f"rank {rank}: masks differ between ranks: {hashes}")
         if rank == 0:
-            print(f"masks agree on all {world} ranks")
-            print(compiled.resu.report())
+            print(f"masks agree on all {world} ranks", flush=True)
+            print(compiled.resu.report(), flush=True)
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()

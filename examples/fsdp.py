@@ -73,12 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             sparsities = {
                 n: round(layer["sparsity"], 4) for n, layer in commits[-1]["layers"].items()
             }
-            print(f"whole-weight sparsity after the last commit: {sparsities}")
+            print(f"whole-weight sparsity after the last commit: {sparsities}", flush=True)
             numels = {w.name: w.total_numel for w in model.resu.state}
             pruned = sum(
                 numels[n] * layer["sparsity"] for n, layer in commits[-1]["layers"].items()
             )
-            print(f"model sparsity after the last commit: {pruned / sum(numels.values()):.4f}")
+            print(
+                f"model sparsity after the last commit: {pruned / sum(numels.values()):.4f}",
+                flush=True,
+            )
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
