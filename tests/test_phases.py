@@ -206,3 +206,38 @@ def test_without_amnesty_the_last_merge_is_re_pruned_to_the_target() -> None:
     assert_exact_counts(compiled.resu, 0.6)
     for weight in compiled.resu.state:
         assert torch.all(weight.param.detach()[~weight.mask()] == 0)
+
+
+class _SharedInput(torch.nn.Module):
+    """q, k and v read one input; the output projection reads another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+        self.out = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.q(x) * self.k(x) + self.v(x))
+
+
+def test_weights_reading_one_input_share_its_norm_reduction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built = _record_variants(monkeypatch)
+    torch.manual_seed(0)
+    model = _SharedInput()
+    compiled = resu.compile(model, sparsity=0.5, manual=True, compiler="aot_eager")
+    x = torch.randn(4, 8, 16)
+    compiled(x)
+    with compiled.resu.calibrate():
+        compiled(x)
+    calibrate = next(v for v, spec in built if spec == backend.VARIANTS["calibrate"])
+    calls = [n for n in calibrate.graph.nodes if n.target is accumulate_input_sq_norms]
+    assert sorted(len(n.args) - 1 for n in calls) == [1, 3]  # (x: q, k, v), (hidden: out)
+    expected = x.reshape(-1, 16).pow(2).sum(0).sqrt()
+    for name in ("q.weight", "k.weight", "v.weight"):
+        torch.testing.assert_close(compiled.resu.input_norms(name), expected)
+    hidden = (model.q(x) * model.k(x) + model.v(x)).detach().reshape(-1, 16)
+    torch.testing.assert_close(
+        compiled.resu.input_norms("out.weight"), hidden.pow(2).sum(0).sqrt(), rtol=1e-5, atol=1e-5
+    )

@@ -29,6 +29,7 @@ from resu_compile.compiler.registry import (
 )
 from resu_compile.config import ResuConfig
 from resu_compile.runtime.controller import PhaseController
+from resu_compile.runtime.warmup import warm_up_transitions
 from resu_compile.shards import shard_layout
 from resu_compile.state import ManagedWeight
 
@@ -188,6 +189,7 @@ def compile_graph(
     module = module_of(controller)
     adapters = lora_adapter_ids(module) if module is not None else None
     managed, sharded = [], []
+    known_before = len(controller.state)
     for candidate in find_weight_candidates(gm, example_inputs):
         shard_of = sharded_parameter(module, candidate.param)
         param = shard_of if shard_of is not None else candidate.param
@@ -212,6 +214,8 @@ def compile_graph(
         if weight.input_dim is None:
             weight.input_dim = candidate.input_dim
         managed.append((index_of[id(candidate.placeholder)], candidate, weight))
+    if len(controller.state) > known_before:
+        warm_up_transitions(controller.config, list(controller.state))
     return GraphDispatcher(controller, gm, example_inputs, managed, sharded)
 
 

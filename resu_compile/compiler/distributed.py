@@ -95,8 +95,18 @@ def sharded_parameter(model: torch.nn.Module | None, param: torch.Tensor) -> tor
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        for group in module._get_fsdp_state()._fsdp_param_groups:
+        for group in _param_groups(module._get_fsdp_state()):
             for fsdp_param in group.fsdp_params:
                 if getattr(fsdp_param, "_unsharded_param", None) is param:
                     return fsdp_param.sharded_param
     return None
+
+
+def _param_groups(state: Any) -> list[Any]:
+    """An FSDP state's parameter groups: a list in newer torch (one group per mesh), a single
+    optional group before (torch 2.11)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]

@@ -38,7 +38,10 @@ def mask_gradient(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return _MaskGradient.apply(weight, bits)
 
 
-def accumulate_input_sq_norms(x: torch.Tensor, sq_norms: torch.Tensor) -> None:
-    """Add each input feature's squared L2 norm over all tokens (Wanda's ``||X_j||^2``)."""
+def accumulate_input_sq_norms(x: torch.Tensor, *sq_norms: torch.Tensor) -> None:
+    """Add each input feature's squared L2 norm over all tokens (Wanda's ``||X_j||^2``) to every
+    buffer in ``sq_norms`` (one per weight that reads ``x``), reducing ``x`` once."""
     dims = tuple(range(x.dim() - 1))
-    sq_norms.add_(x.detach().float().square().sum(dim=dims))
+    values = x.detach().float().square().sum(dim=dims)
+    for buffer in sq_norms:
+        buffer.add_(values)

@@ -18,14 +18,11 @@ from typing import Any
 import torch
 
 from resu_compile.config import ResuConfig
-from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.method.schedule import amnesty_budget
 from resu_compile.optim.clip import clip_applied_grad_norm_
 from resu_compile.optim.slots import reapply_masks
-from resu_compile.optim.step import ManagedStep, StepPlan
-from resu_compile.optim.theta import ThetaSettings
+from resu_compile.optim.step import ManagedStep
 from resu_compile.runtime import checkpoint, sharded_checkpoint
-from resu_compile.runtime.distributed import any_rank
 from resu_compile.runtime.phase import Phase, Progress, Transition
 from resu_compile.runtime.schedules import RiglSchedule, schedule_for
 from resu_compile.runtime.sharded import check_sharded_optimizer
@@ -33,8 +30,10 @@ from resu_compile.runtime.step_guards import (
     check_calibration_for,
     check_not_sharded_after_compile,
     check_optimizer_state,
+    weights_finite,
     why_no_managed_weight,
 )
+from resu_compile.runtime.step_plan import plan_step
 from resu_compile.runtime.transitions import (
     TransitionContext,
     check_pattern,
@@ -44,7 +43,6 @@ from resu_compile.runtime.transitions import (
     prune_weights,
     regrow_weights,
 )
-from resu_compile.shards import local
 from resu_compile.state import ManagedWeight, StateManager
 from resu_compile.views.export import export_state_dict
 from resu_compile.views.report import render_report
@@ -188,7 +186,17 @@ class PhaseController:
                 raise
         self.advance()
         self._check_upcoming(weights)
-        self._managed_step.begin(optimizer, self._plan(weights))
+        self._managed_step.begin(
+            optimizer,
+            plan_step(
+                self.config,
+                weights,
+                in_resu=self.phase is Phase.RESU,
+                resu_steps=self.resu_steps,
+                graph_masked=self._sparse_forward,
+                draws=self._generator,
+            ),
+        )
 
     def _check_upcoming(self, weights: list[ManagedWeight]) -> None:
         """Refuse, before this step's update, what would fail in the transition due after it:
@@ -217,42 +225,6 @@ class PhaseController:
         ) and self._weights_finite("rigl_update"):
             self._rigl_update()
         self.advance()
-
-    def _plan(self, weights: list[ManagedWeight]) -> StepPlan:
-        config = self.config
-        in_resu = self.phase is Phase.RESU
-        sharded = any(w.shard is not None for w in weights)
-        return StepPlan(
-            weights=weights,
-            theta=self._theta_settings() if in_resu else None,
-            train_actives=not in_resu or not config.freeze_active,
-            graph_masked=config.gradient_mask == "graph" and self._sparse_forward,
-            mask_in_optimizer=config.gradient_mask == "optimizer",
-            freeze_others=config.freeze_others,
-            raise_on_nonfinite=config.nan_policy == "raise",
-            agree_nonfinite=(lambda flag: any_rank(flag, weights)) if sharded else None,
-        )
-
-    def _theta_settings(self) -> ThetaSettings:
-        config = self.config
-        refresh = config.refresh
-        return ThetaSettings(
-            rule=config.theta_optimizer,
-            lr=config.theta_lr,
-            beta1=config.theta_betas[0],
-            beta2=config.theta_betas[1],
-            weight_decay=config.theta_weight_decay,
-            step=self.resu_steps + 1,
-            selection=config.selection,
-            alpha=config.alpha,
-            screen_fraction=config.screen_fraction,
-            consistency_tau=config.consistency_tau,
-            consistency_beta=config.consistency_beta,
-            init_eps=config.theta_init_eps,
-            reselect=config.selection == "topk"
-            and (self.resu_steps == 0 or (refresh > 0 and self.resu_steps % refresh == 0)),
-            draws=self._generator,
-        )
 
     def clip_grad_norm_(
         self,
@@ -310,27 +282,10 @@ class PhaseController:
             self._run(transition)
 
     def _weights_finite(self, purpose: str, *, manual: bool = False) -> bool:
-        """Whether every managed weight is finite (one check launch and one host sync). A
-        non-finite one raises ``FloatingPointError`` naming it for a ``manual`` call or under
-        ``nan_policy="raise"``; else it warns and the caller waits."""
+        """:func:`~resu_compile.runtime.step_guards.weights_finite` of the managed weights; a
+        ``manual`` call raises like ``nan_policy="raise"``."""
         raise_ = manual or self.config.nan_policy == "raise"
-        weights = list(self.state)
-        if weights:
-            values = [local(w.param.detach()) for w in weights]
-            flag = any_rank(any_nonfinite(values), weights)  # every rank waits, or none
-            if bool(flag.item()):
-                names = [
-                    w.name for w, v in zip(weights, values, strict=True) if not v.isfinite().all()
-                ]
-                message = (
-                    f"{purpose}: managed weight(s) {names} hold NaN or Inf, so their masks "
-                    "cannot be chosen; nothing was changed"
-                )
-                if raise_:
-                    raise FloatingPointError(message + " (nan_policy='raise')")
-                warnings.warn(message + "; the transition waits for finite weights", stacklevel=3)
-                return False
-        return True
+        return weights_finite(list(self.state), purpose, raise_=raise_)
 
     def _run(self, transition: Transition) -> None:
         if transition.kind == "prune":
@@ -563,10 +518,12 @@ class PhaseController:
         self._refuse_sharded(
             "state_dict()", "use sharded_state_dict() with torch.distributed.checkpoint"
         )
-        counters = {key: getattr(self, key) for key in checkpoint.COUNTERS}
         return checkpoint.save(
-            self.config, self.phase, counters, self.history, self.state.state_dict()
+            self.config, self.phase, self._counters(), self.history, self.state.state_dict()
         )
+
+    def _counters(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in checkpoint.COUNTERS}
 
     def _refuse_sharded(self, method: str, instead: str) -> None:
         """Whole-weight views of a model whose weights are FSDP2 shards are not built."""
@@ -580,11 +537,10 @@ class PhaseController:
         """:meth:`state_dict` for ``torch.distributed.checkpoint`` under FSDP2: per-coordinate state
         as DTensors laid out as the weights (see :mod:`~resu_compile.runtime.sharded_checkpoint`).
         Also the template to load into: build it after one forward pass of the new model."""
-        counters = {key: getattr(self, key) for key in checkpoint.COUNTERS}
         weights = {w.name: sharded_checkpoint.weight_state(w) for w in self.state}
         # A tuple is one value to DCP (a list of dicts would be flattened, key by key, and a
         # template's shorter history would miss keys).
-        state = checkpoint.save(self.config, self.phase, counters, self.history, weights)
+        state = checkpoint.save(self.config, self.phase, self._counters(), self.history, weights)
         state["history"] = tuple(state["history"])
         return state
 
@@ -594,27 +550,9 @@ class PhaseController:
         # DCP keeps the history as one tuple value (see sharded_state_dict).
         state = {**state, "history": list(state["history"])}
         loaded = checkpoint.check(state, self.config, self.module())
-        weights = {w.name: w for w in self.state}
-        missing = sorted(set(weights) - set(state["weights"]))
-        if missing or len(weights) != len(state["weights"]):
-            raise ValueError(
-                "load_sharded_state_dict: the checkpoint's managed weights "
-                f"{sorted(state['weights'])} are not this model's {sorted(weights)} (run one "
-                "forward pass before building the template)"
-            )
-        for name, entry in state["weights"].items():
-            sharded_checkpoint.check_weight_state(weights[name], entry)
-        for name, entry in state["weights"].items():
-            sharded_checkpoint.load_weight_state(weights[name], entry)
-        for message in loaded.warnings:
-            warnings.warn(message, stacklevel=2)
-        counters = dict(loaded.counters)
-        self.phase = loaded.phase
-        self._managed_step.restore_nonfinite_steps(counters.pop("nonfinite_steps"))
-        for key, value in counters.items():
-            setattr(self, key, value)
-        self.history = list(state["history"])
-        self.pruned = any(entry["pruned"] for entry in state["weights"].values())
+        sharded_checkpoint.load_weights(list(self.state), state["weights"])
+        weights_saved = state["weights"].values()
+        self._restore(loaded, state["history"], pruned=any(e["pruned"] for e in weights_saved))
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore a :meth:`state_dict`; refuses (changing nothing) if it does not fit.
@@ -631,17 +569,22 @@ class PhaseController:
             raise TypeError(f"load_state_dict: strict must be a bool, got {strict!r}")
         loaded = checkpoint.check(state, self.config, self.module(), strict=strict)
         self.state.load_state_dict(state["weights"])
-        for message in loaded.warnings:
-            warnings.warn(message, stacklevel=2)
+        weights_saved = state["weights"].values()
         with torch.no_grad():
             for param, pruned in loaded.to_zero:
                 param.masked_fill_(pruned, 0)
-        counters = loaded.counters
+        self._managed_step.forget_step_counts()
+        self._restore(loaded, state["history"], pruned=any("mask_bits" in e for e in weights_saved))
+        self._optimizer_check = "strict" if strict else "warn"
+
+    def _restore(self, loaded: checkpoint.Loaded, history: Iterable[dict], pruned: bool) -> None:
+        """Apply a validated checkpoint's warnings, phase, counters and history."""
+        for message in loaded.warnings:
+            warnings.warn(message, stacklevel=3)
+        counters = dict(loaded.counters)
         self.phase = loaded.phase
         self._managed_step.restore_nonfinite_steps(counters.pop("nonfinite_steps"))
-        self._managed_step.forget_step_counts()
         for key, value in counters.items():
             setattr(self, key, value)
-        self.history = list(state["history"])
-        self.pruned = any("mask_bits" in entry for entry in state["weights"].values())
-        self._optimizer_check = "strict" if strict else "warn"
+        self.history = list(history)
+        self.pruned = pruned

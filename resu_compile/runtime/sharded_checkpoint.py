@@ -69,7 +69,23 @@ def weight_state(weight: ManagedWeight) -> dict[str, Any]:
     return out
 
 
-def check_weight_state(weight: ManagedWeight, entry: dict[str, Any]) -> None:
+def load_weights(weights: list[ManagedWeight], entries: dict[str, dict[str, Any]]) -> None:
+    """Apply the per-weight entries of a filled sharded state, all checked before any is applied:
+    the same managed weights (by name) of the same shapes."""
+    by_name = {w.name: w for w in weights}
+    if sorted(by_name) != sorted(entries):
+        raise ValueError(
+            "load_sharded_state_dict: the checkpoint's managed weights "
+            f"{sorted(entries)} are not this model's {sorted(by_name)} (run one "
+            "forward pass before building the template)"
+        )
+    for name, entry in entries.items():
+        _check_weight_state(by_name[name], entry)
+    for name, entry in entries.items():
+        _load_weight_state(by_name[name], entry)
+
+
+def _check_weight_state(weight: ManagedWeight, entry: dict[str, Any]) -> None:
     if list(entry["shape"]) != list(weight.param.shape):
         raise ValueError(
             f"load_sharded_state_dict: shape mismatch for {weight.name!r}: checkpoint "
@@ -77,9 +93,9 @@ def check_weight_state(weight: ManagedWeight, entry: dict[str, Any]) -> None:
         )
 
 
-def load_weight_state(weight: ManagedWeight, entry: dict[str, Any]) -> None:
+def _load_weight_state(weight: ManagedWeight, entry: dict[str, Any]) -> None:
     """Apply an entry that ``torch.distributed.checkpoint.load`` filled (checked first by
-    :func:`check_weight_state`)."""
+    :func:`_check_weight_state`)."""
     weight.keep_target = entry["keep_target"]
     if entry["pruned"]:
         weight.set_mask(local(entry["mask"]).bool())

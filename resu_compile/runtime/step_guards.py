@@ -8,11 +8,13 @@ import warnings
 import torch
 
 from resu_compile.config import ResuConfig
+from resu_compile.kernels.nonfinite import any_nonfinite
 from resu_compile.optim.slots import zero_where_pruned
 from resu_compile.runtime import checkpoint
+from resu_compile.runtime.distributed import any_rank
 from resu_compile.runtime.phase import Transition
 from resu_compile.runtime.transitions import input_norms
-from resu_compile.shards import is_dtensor
+from resu_compile.shards import is_dtensor, local
 from resu_compile.state import ManagedWeight
 
 
@@ -103,3 +105,23 @@ def check_not_sharded_after_compile(
             "weight can be found; apply fully_shard to the layers and the root first, then "
             "call resu.compile(model)"
         )
+
+
+def weights_finite(weights: list[ManagedWeight], purpose: str, *, raise_: bool) -> bool:
+    """Whether every managed weight is finite, checked before a transition reads them (one check
+    launch and one host sync; every rank of a sharded model waits, or none). A non-finite one
+    raises ``FloatingPointError`` naming it if ``raise_``, else warns so the caller waits."""
+    if not weights:
+        return True
+    values = [local(w.param.detach()) for w in weights]
+    if not bool(any_rank(any_nonfinite(values), weights).item()):
+        return True
+    names = [w.name for w, v in zip(weights, values, strict=True) if not v.isfinite().all()]
+    message = (
+        f"{purpose}: managed weight(s) {names} hold NaN or Inf, so their masks cannot be "
+        "chosen; nothing was changed"
+    )
+    if raise_:
+        raise FloatingPointError(message + " (nan_policy='raise')")
+    warnings.warn(message + "; the transition waits for finite weights", stacklevel=4)
+    return False

@@ -65,13 +65,22 @@ def build_variant(
     extra = _add_inputs(graph, len(weights), spec.extra_inputs)
     slot_of = {id(node): i for i, node in enumerate(weights)}
     if spec.record_norms:
+        # Uses that read the same input (q, k and v; an FFN's gate and up) share one reduction.
+        readers: dict[tuple[int, int | None], list[LinearUse | ConvUse]] = {}
         for use in uses:
-            slot = slot_of[id(_weight_placeholder(use.weight_expr))]
-            with graph.inserting_before(node_map[use.node]):
-                features = node_map[use.x]
-                if isinstance(use, ConvUse):  # input channels last, as for a linear input
-                    features = graph.call_function(torch.movedim, (features, use.channel_dim, -1))
-                graph.call_function(accumulate_input_sq_norms, (features, extra["sq_norms"][slot]))
+            channel_dim = use.channel_dim if isinstance(use, ConvUse) else None
+            readers.setdefault((id(use.x), channel_dim), []).append(use)
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        for (_, channel_dim), group in readers.items():
+            buffers = [
+                extra["sq_norms"][slot_of[id(_weight_placeholder(u.weight_expr))]] for u in group
+            ]
+            first = min((node_map[u.node] for u in group), key=order.__getitem__)
+            with graph.inserting_before(first):
+                features = node_map[group[0].x]
+                if channel_dim is not None:  # input channels last, as for a linear input
+                    features = graph.call_function(torch.movedim, (features, channel_dim, -1))
+                graph.call_function(accumulate_input_sq_norms, (features, *buffers))
     if spec.mask_gradients:
         last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
         for slot, placeholder in enumerate(weights):

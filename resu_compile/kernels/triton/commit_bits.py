@@ -23,7 +23,7 @@ def _popcount(byte):
     return tl.sum((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1, 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments"])
 def _commit_bits_kernel(
     addrs_ptr,
     n_segments,

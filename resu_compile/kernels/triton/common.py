@@ -6,6 +6,11 @@ update kernels read ``[BLOCK // VEC, VEC]`` tiles, ``VEC`` being the elements of
 (4 fp32, 8 fp16/bf16): each tile row is one vector load or store per tensor and lies within one
 mask byte. Pieces start at multiples of 8 elements, so on whole mask bytes
 (:mod:`resu_compile.kernels.launch`).
+
+The kernels do not specialize on how many tensors a launch serves (``do_not_specialize``; Triton
+would otherwise compile apart for a count of 1 and for multiples of 16): one compiled kernel serves
+every launch of its family, so a launch over a subset of the weights (a commit's shortfall, one
+layer) finds it compiled, and compiling it ahead (:mod:`resu_compile.runtime.warmup`) covers them.
 """
 
 from __future__ import annotations

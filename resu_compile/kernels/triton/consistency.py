@@ -27,7 +27,7 @@ from resu_compile.kernels.triton.common import (
 from resu_compile.method.consistency import DELTA
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments"])
 def _statistics_kernel(
     addrs_ptr,
     n_segments,

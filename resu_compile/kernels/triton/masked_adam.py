@@ -101,7 +101,7 @@ def _adam_block(
     store_active(v_ptr, offs, inb, update, v, KEEP_PRUNED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors"])
 def _masked_adam_kernel(
     addrs_ptr,
     n_tensors,

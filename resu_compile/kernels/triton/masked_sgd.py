@@ -69,7 +69,7 @@ def _sgd_block(
     store_active(param_ptr, offs, inb, active, p, KEEP_PRUNED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors"])
 def _masked_sgd_kernel(
     addrs_ptr,
     n_tensors,

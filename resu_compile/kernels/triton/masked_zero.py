@@ -18,7 +18,7 @@ from resu_compile.kernels.launch import (
 from resu_compile.kernels.triton.common import TL_DTYPES, load_chunk, segment_ptr, tile, tile_bits
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments"])
 def _zero_where_clear_kernel(
     addrs_ptr,
     n_segments,

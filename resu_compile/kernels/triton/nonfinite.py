@@ -18,7 +18,7 @@ from resu_compile.kernels.launch import (
 from resu_compile.kernels.triton.common import TL_DTYPES, load_chunk, segment_ptr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments"])
 def _any_nonfinite_kernel(
     addrs_ptr,
     n_segments,

@@ -67,7 +67,7 @@ def _tile_keys(
     return key64, ok, byte_offs, row_inb
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments", "shift"])
 def _histogram_kernel(
     addrs_ptr,
     n_segments,
@@ -102,7 +102,7 @@ def _histogram_kernel(
     tl.atomic_add(hist_ptr + seg * NUM_BINS + tl.arange(0, NUM_BINS), counts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments"])
 def _tie_count_kernel(
     addrs_ptr,
     n_segments,
@@ -129,7 +129,7 @@ def _tie_count_kernel(
     tl.store(ties_ptr + pid, ties)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments"])
 def _write_bits_kernel(
     addrs_ptr,
     n_segments,

@@ -18,7 +18,7 @@ from resu_compile.kernels.launch import (
 from resu_compile.kernels.triton.common import TL_DTYPES, load_chunk, segment_ptr, tile, tile_bits
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments"])
 def _active_sum_kernel(
     addrs_ptr,
     n_segments,
@@ -48,7 +48,7 @@ def _active_sum_kernel(
     tl.store(partial_ptr + pid, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segments"])
 def _write_theta_kernel(
     addrs_ptr,
     n_segments,

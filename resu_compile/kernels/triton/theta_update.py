@@ -102,7 +102,7 @@ def _theta_block(
     tl.store(param_ptr + offs, tl.where(sel, p.to(p_old.dtype), p_old), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors"])
 def _theta_update_kernel(
     addrs_ptr,
     n_tensors,
