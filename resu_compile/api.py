@@ -50,33 +50,14 @@ def compile(
         raise TypeError(
             f"resu.compile: model must be a torch.nn.Module, got {type(model).__name__}"
         )
-    for argument, value, allowed in (
-        ("inplace", inplace, (bool,)),
-        ("fullgraph", fullgraph, (bool,)),
-        ("dynamic", dynamic, (bool, type(None))),
-    ):
-        if not isinstance(value, allowed):
-            words = "a bool or None" if argument == "dynamic" else "a bool"
-            raise TypeError(f"resu.compile: {argument} must be {words}, got {value!r}")
+    _check_flags(inplace=inplace, fullgraph=fullgraph, dynamic=dynamic)
     inner = ddp_inner(model)
     target = inner if inner is not None else model
     managed = find_controller(model) is not None or find_controller(target) is not None
     if managed and shared_parameter(target) is None:
         raise ValueError("resu.compile: model is already compiled by resu-compile")
     _check_not_shared(target)
-    if config is not None and (options or sparsity is not None):
-        raise ValueError("resu.compile: pass either config= or sparsity/options, not both")
-    if config is None:
-        if sparsity is not None:
-            options["sparsity"] = sparsity
-        config = ResuConfig.from_options(options)
-    elif isinstance(config, Mapping):
-        config = ResuConfig.from_options(config)
-    elif not isinstance(config, ResuConfig):
-        raise TypeError(
-            f"resu.compile: config must be a ResuConfig or a dict of its options, got "
-            f"{type(config).__name__}"
-        )
+    config = _resolve_config(config, sparsity, options)
     _check_model(target, config)
     sharded = is_sharded(target)
     if sharded:
@@ -104,6 +85,37 @@ def compile(
         raise
     compiled.resu = controller
     return compiled
+
+
+def _check_flags(*, inplace: Any, fullgraph: Any, dynamic: Any) -> None:
+    for argument, value, allowed in (
+        ("inplace", inplace, (bool,)),
+        ("fullgraph", fullgraph, (bool,)),
+        ("dynamic", dynamic, (bool, type(None))),
+    ):
+        if not isinstance(value, allowed):
+            words = "a bool or None" if argument == "dynamic" else "a bool"
+            raise TypeError(f"resu.compile: {argument} must be {words}, got {value!r}")
+
+
+def _resolve_config(
+    config: ResuConfig | Mapping[str, Any] | None, sparsity: float | None, options: dict[str, Any]
+) -> ResuConfig:
+    """The one :class:`ResuConfig` from ``config=`` or from ``sparsity`` and the options."""
+    if config is not None and (options or sparsity is not None):
+        raise ValueError("resu.compile: pass either config= or sparsity/options, not both")
+    if config is None:
+        if sparsity is not None:
+            options["sparsity"] = sparsity
+        return ResuConfig.from_options(options)
+    if isinstance(config, Mapping):
+        return ResuConfig.from_options(config)
+    if not isinstance(config, ResuConfig):
+        raise TypeError(
+            f"resu.compile: config must be a ResuConfig or a dict of its options, got "
+            f"{type(config).__name__}"
+        )
+    return config
 
 
 def _in_place_call(model: torch.nn.Module) -> Callable[..., Any]:

@@ -205,35 +205,7 @@ def layer_keep_counts(
         return [keep_count(n, sparsity) for n in numels]
     target = keep_count(sum(numels), sparsity)
     if distribution == "global":
-        if scores is None:
-            raise ValueError("scores: the global distribution needs every layer's scores")
-        if len(scores) != len(numels) or any(
-            t.numel() != n for t, n in zip(scores, numels, strict=True)
-        ):
-            raise ValueError("scores: expected one tensor per layer with that layer's numel")
-        if not numels:
-            return []
-        if eligible is not None and len(eligible) != len(numels):
-            raise ValueError("eligible: expected one mask (or None) per layer")
-        device = scores[0].device
-        layers = [t.detach().reshape(-1).float().to(device) for t in scores]
-        allowed = [
-            torch.ones(n, dtype=torch.bool, device=device)
-            if eligible is None or eligible[i] is None
-            else eligible[i].reshape(-1).bool().to(device)
-            for i, n in enumerate(numels)
-        ]
-        floors = global_floors(numels, sparsity)
-        kept = [
-            topk_mask(t, f, eligible=a) for t, f, a in zip(layers, floors, allowed, strict=True)
-        ]
-        rest = target - sum(int(k.sum()) for k in kept)
-        others = torch.cat([a & ~k for a, k in zip(allowed, kept, strict=True)])
-        chosen = topk_mask(torch.cat(layers), rest, eligible=others)
-        return [
-            int(k.sum()) + int(part.sum())
-            for k, part in zip(kept, torch.split(chosen, numels), strict=True)
-        ]
+        return _global_counts(numels, sparsity, target, scores, eligible)
     if distribution == "erk":
         if shapes is None or len(shapes) != len(numels):
             raise ValueError("shapes: the erk distribution needs one shape per layer")
@@ -242,6 +214,44 @@ def layer_keep_counts(
                 raise ValueError(f"shapes: shape {tuple(shape)} does not hold {n} elements")
         return _erk_counts([[int(d) for d in s] for s in shapes], numels, target)
     raise ValueError(f"distribution: unknown layer distribution {distribution!r}")
+
+
+def _global_counts(
+    numels: list[int],
+    sparsity: float,
+    target: int,
+    scores: Sequence[torch.Tensor] | None,
+    eligible: Sequence[torch.Tensor | None] | None,
+) -> list[int]:
+    """``layer_keep_counts``' ``global`` rule: every layer's floor from its own top scores, the
+    rest of ``target`` by one threshold over all layers."""
+    if scores is None:
+        raise ValueError("scores: the global distribution needs every layer's scores")
+    if len(scores) != len(numels) or any(
+        t.numel() != n for t, n in zip(scores, numels, strict=True)
+    ):
+        raise ValueError("scores: expected one tensor per layer with that layer's numel")
+    if not numels:
+        return []
+    if eligible is not None and len(eligible) != len(numels):
+        raise ValueError("eligible: expected one mask (or None) per layer")
+    device = scores[0].device
+    layers = [t.detach().reshape(-1).float().to(device) for t in scores]
+    allowed = [
+        torch.ones(n, dtype=torch.bool, device=device)
+        if eligible is None or eligible[i] is None
+        else eligible[i].reshape(-1).bool().to(device)
+        for i, n in enumerate(numels)
+    ]
+    floors = global_floors(numels, sparsity)
+    kept = [topk_mask(t, f, eligible=a) for t, f, a in zip(layers, floors, allowed, strict=True)]
+    # Counts stay on the device until the end: two host syncs, not two per layer.
+    kept_counts = torch.stack([k.sum() for k in kept])
+    rest = target - int(kept_counts.sum())
+    others = torch.cat([a & ~k for a, k in zip(allowed, kept, strict=True)])
+    chosen = topk_mask(torch.cat(layers), rest, eligible=others)
+    chosen_counts = torch.stack([part.sum() for part in torch.split(chosen, numels)])
+    return [int(c) for c in (kept_counts + chosen_counts).tolist()]
 
 
 #: The share of its uniform count every layer keeps under the ``global`` distribution.

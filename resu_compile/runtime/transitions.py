@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from resu_compile.config import ResuConfig
-from resu_compile.kernels.bits import count_bits, pack_bits
+from resu_compile.kernels.bits import count_bits, pack_bits, packed_numel
 from resu_compile.kernels.commit_bits import commit_bits
 from resu_compile.kernels.masked_zero import zero_where_clear_
 from resu_compile.kernels.theta_entry import active_sigma, write_theta_
@@ -300,30 +300,45 @@ def commit_weights(
     if not config.amnesty:  # the merge: every resurrected weight joins the old actives
         for weight, active, row in zip(weights, local_actives, local_counts, strict=True):
             weight.set_mask_bits(weight.mask_bits, active + row[0])
-    sparsities = total_sparsities(weights)
-    layers = {}
-    for weight, active, quota, row, sparsity in zip(
-        weights, active_counts, quotas, counts, sparsities, strict=True
-    ):
-        count, churn, survivors, trained_count = (int(c) for c in row)
-        old_pruned = weight.total_numel - active
+    for weight in weights:
         weight.set_selection(None)
         weight.theta_buffers.clear()
-        layers[weight.name] = {
-            "target": target_sparsity,
-            "sparsity": sparsity,
-            "resurrected": count,
-            # Winners that trained as theta (all of them, unless a densifying commit needed more).
-            "resurrected_trained": trained_count,
-            "resurrection_rate": count / old_pruned if old_pruned else 0.0,
-            "churn": churn,
-            # Weights resurrected at earlier commits that are still active after this one.
-            "survivors": survivors,
-            "reserved": quota.n_reserved if config.amnesty and config.nm is None else 0,
-            "pruned_before": old_pruned,
-            "budget": budget,
-        }
-    return layers
+    reserved = [q.n_reserved if config.amnesty and config.nm is None else 0 for q in quotas]
+    return {
+        weight.name: _commit_numbers(weight, active, row, sparsity, held, target_sparsity, budget)
+        for weight, active, row, sparsity, held in zip(
+            weights, active_counts, counts, total_sparsities(weights), reserved, strict=True
+        )
+    }
+
+
+def _commit_numbers(
+    weight: ManagedWeight,
+    active_before: int,
+    row: list[int],
+    sparsity: float,
+    reserved: int,
+    target_sparsity: float,
+    budget: float,
+) -> dict[str, Any]:
+    """One layer's section-6 numbers of a commit; ``row`` holds its counts from
+    :func:`commit_bits` (resurrected, churn, survivors, resurrected that trained)."""
+    count, churn, survivors, trained_count = (int(c) for c in row)
+    old_pruned = weight.total_numel - active_before
+    return {
+        "target": target_sparsity,
+        "sparsity": sparsity,
+        "resurrected": count,
+        # Winners that trained as theta (all of them, unless a densifying commit needed more).
+        "resurrected_trained": trained_count,
+        "resurrection_rate": count / old_pruned if old_pruned else 0.0,
+        "churn": churn,
+        # Weights resurrected at earlier commits that are still active after this one.
+        "survivors": survivors,
+        "reserved": reserved,
+        "pruned_before": old_pruned,
+        "budget": budget,
+    }
 
 
 def _winners(
@@ -459,6 +474,17 @@ def _store_revived(weights: list[ManagedWeight], revived: list[torch.Tensor]) ->
     flat = _host_buffer(on_device.numel(), device).copy_(on_device)
     for weight, bits in zip(weights, torch.split(flat, [t.numel() for t in revived]), strict=True):
         weight.revived_bits = bits
+
+
+def reserve_host_buffers(weights: list[ManagedWeight]) -> None:
+    """Take the page-locked memory of the commits' revived bits ahead, into torch's caching host
+    allocator: a first ``cudaHostAlloc`` costs milliseconds, and since a commit fills a new
+    buffer while the weights still hold the last one, two buffers take turns."""
+    if not weights or not weights[0].param.is_cuda:
+        return
+    numel = sum(packed_numel(w.numel) for w in weights)
+    buffers = [_host_buffer(numel, weights[0].param.device) for _ in range(2)]
+    del buffers  # back to the allocator's cache, where the commits find them
 
 
 def _host_buffer(numel: int, device: torch.device) -> torch.Tensor:

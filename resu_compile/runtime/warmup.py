@@ -4,13 +4,14 @@ The Triton kernels of a prune, a RESU entry and a commit compile on first use (s
 process, against milliseconds a transition later). The first forward pass already stalls while
 Inductor compiles the model, so the transitions of the controller's method run there once, on
 small scratch weights of the same devices and dtypes: the kernels the real transitions launch
-are then in Triton's cache, and the first prune costs what a later one does. Nothing of the
-scratch run reaches the controller (its own weights, history, counters and random draws).
+are then in Triton's cache, and the page-locked buffers a commit copies into are taken ahead
+(:func:`~resu_compile.runtime.transitions.reserve_host_buffers`), so the first prune, RESU entry
+and commit cost what later ones do. Nothing of the scratch run reaches the controller (its own
+weights, history, counters and random draws).
 
-Triton specializes a kernel on its integer arguments (equal to 1, divisible by 16), and the
-multi-tensor kernels take the number of weights as one: the scratch run uses as many weights as
-the controller manages, so a managed set that grows over several graphs is warmed again, at the
-cost of a cache hit where nothing changed.
+The kernels compile once for any number of tensors (they do not specialize on it, see
+:mod:`resu_compile.kernels.triton.common`), so two scratch weights stand for any managed set; a
+graph that adds managed weights runs the warm-up again, at the cost of cache hits.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from resu_compile.runtime.transitions import (
     enter_resu_weights,
     prune_weights,
     regrow_weights,
+    reserve_host_buffers,
 )
 from resu_compile.state import ManagedWeight
 
+#: Scratch weights per (device, dtype): two, so that a global threshold spans layers.
+SCRATCH_WEIGHTS = 2
 #: Side of the square scratch weights: a whole number of the transition kernels' tiles and of
 #: any N:M group, and small enough to cost nothing.
 SCRATCH_SIDE = 64
@@ -49,7 +53,10 @@ def warm_up_transitions(
         ):
             groups.setdefault((param.device, param.dtype), []).append(weight)
     for (device, dtype), group in groups.items():
-        _run_transitions(config, [_scratch(w, i, device, dtype) for i, w in enumerate(group)])
+        scratch = [_scratch(w, i, device, dtype) for i, w in enumerate(group[:SCRATCH_WEIGHTS])]
+        _run_transitions(config, scratch)
+    if config.method == "resu":
+        reserve_host_buffers([w for w in weights if w.param.is_cuda and w.shard is None])
 
 
 def _scratch(
