@@ -116,3 +116,37 @@ def test_the_global_rule_without_a_binding_floor_is_one_threshold() -> None:
     chosen = topk_mask(flat, keep_count(flat.numel(), 0.6))
     masks = torch.cat([w.mask().reshape(-1) for w in compiled.resu.state])
     assert torch.equal(masks, chosen)
+
+
+def _floor_rule_reference(
+    numels: list[int], sparsity: float, scores: list[torch.Tensor], eligible: list
+) -> list[int]:
+    """The global rule as METHOD.md-level prose: every layer first keeps its floor (its own top
+    eligible scores), then the rest of the budget goes to the top remaining scores overall."""
+    allowed = [
+        torch.ones(n, dtype=torch.bool) if e is None else e
+        for n, e in zip(numels, eligible, strict=True)
+    ]
+    floors = global_floors(numels, sparsity)
+    kept = [topk_mask(s, f, eligible=a) for s, f, a in zip(scores, floors, allowed, strict=True)]
+    rest = keep_count(sum(numels), sparsity) - sum(int(k.sum()) for k in kept)
+    others = torch.cat([a & ~k for a, k in zip(allowed, kept, strict=True)])
+    chosen = topk_mask(torch.cat(scores), rest, eligible=others).split(numels)
+    return [int(k.sum()) + int(c.sum()) for k, c in zip(kept, chosen, strict=True)]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_global_counts_equal_the_floor_rule_whether_or_not_a_floor_binds(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    layers = int(torch.randint(1, 6, (), generator=generator))
+    numels = [int(n) for n in torch.randint(1, 60, (layers,), generator=generator)]
+    # Scales apart by up to 1e4 make floors bind; rounded scores make ties.
+    scales = 10.0 ** torch.randint(-4, 1, (layers,), generator=generator).float()
+    scores = [
+        (torch.rand(n, generator=generator) * scale * 8).round() / 8
+        for n, scale in zip(numels, scales, strict=True)
+    ]
+    eligible = [None if seed % 3 else torch.rand(n, generator=generator) < 0.7 for n in numels]
+    sparsity = float(torch.rand((), generator=generator)) * 0.98
+    counts = layer_keep_counts(numels, sparsity, "global", scores=scores, eligible=eligible)
+    assert counts == _floor_rule_reference(numels, sparsity, scores, eligible)

@@ -244,8 +244,16 @@ def _global_counts(
         for i, n in enumerate(numels)
     ]
     floors = global_floors(numels, sparsity)
+    # One threshold first: where every layer keeps its floor under it (a layer's floor is its own
+    # top scores, so they are inside the threshold's choice), that choice is the rule's. Counts
+    # stay on the device until one host sync; only a binding floor takes the per-layer path.
+    one = topk_mask(torch.cat(layers), target, eligible=torch.cat(allowed))
+    under_one = torch.stack([part.sum() for part in torch.split(one, numels)])
+    available = torch.stack([a.sum() for a in allowed])
+    counts, sizes = torch.stack([under_one, available]).tolist()
+    if all(c >= min(f, a) for c, f, a in zip(counts, floors, sizes, strict=True)):
+        return [int(c) for c in counts]
     kept = [topk_mask(t, f, eligible=a) for t, f, a in zip(layers, floors, allowed, strict=True)]
-    # Counts stay on the device until the end: two host syncs, not two per layer.
     kept_counts = torch.stack([k.sum() for k in kept])
     rest = target - int(kept_counts.sum())
     others = torch.cat([a & ~k for a, k in zip(allowed, kept, strict=True)])
