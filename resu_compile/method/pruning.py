@@ -237,27 +237,35 @@ def _global_counts(
         raise ValueError("eligible: expected one mask (or None) per layer")
     device = scores[0].device
     layers = [t.detach().reshape(-1).float().to(device) for t in scores]
-    allowed = [
-        torch.ones(n, dtype=torch.bool, device=device)
-        if eligible is None or eligible[i] is None
-        else eligible[i].reshape(-1).bool().to(device)
-        for i, n in enumerate(numels)
-    ]
+    allowed = None  # every coordinate, unless some layer's eligible set says otherwise
+    if eligible is not None and any(e is not None for e in eligible):
+        allowed = [
+            torch.ones(n, dtype=torch.bool, device=device)
+            if e is None
+            else e.reshape(-1).bool().to(device)
+            for e, n in zip(eligible, numels, strict=True)
+        ]
     floors = global_floors(numels, sparsity)
     # One threshold first: where every layer keeps its floor under it (a layer's floor is its own
     # top scores, so they are inside the threshold's choice), that choice is the rule's. Counts
     # stay on the device until one host sync; only a binding floor takes the per-layer path.
-    one = topk_mask(torch.cat(layers), target, eligible=torch.cat(allowed))
-    under_one = torch.stack([part.sum() for part in torch.split(one, numels)])
-    available = torch.stack([a.sum() for a in allowed])
-    counts, sizes = torch.stack([under_one, available]).tolist()
+    flat = torch.cat(layers)
+    one = topk_mask(flat, target, eligible=None if allowed is None else torch.cat(allowed))
+    under_one = [part.sum() for part in torch.split(one, numels)]
+    if allowed is None:
+        counts, sizes = torch.stack(under_one).tolist(), numels
+    else:
+        available = [a.sum() for a in allowed]
+        counts, sizes = torch.stack([torch.stack(under_one), torch.stack(available)]).tolist()
     if all(c >= min(f, a) for c, f, a in zip(counts, floors, sizes, strict=True)):
         return [int(c) for c in counts]
+    if allowed is None:
+        allowed = [torch.ones(n, dtype=torch.bool, device=device) for n in numels]
     kept = [topk_mask(t, f, eligible=a) for t, f, a in zip(layers, floors, allowed, strict=True)]
     kept_counts = torch.stack([k.sum() for k in kept])
     rest = target - int(kept_counts.sum())
     others = torch.cat([a & ~k for a, k in zip(allowed, kept, strict=True)])
-    chosen = topk_mask(torch.cat(layers), rest, eligible=others)
+    chosen = topk_mask(flat, rest, eligible=others)
     chosen_counts = torch.stack([part.sum() for part in torch.split(chosen, numels)])
     return [int(c) for c in (kept_counts + chosen_counts).tolist()]
 
