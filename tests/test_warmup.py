@@ -41,10 +41,13 @@ def _weights() -> list[ManagedWeight]:
 
 
 @pytest.mark.parametrize("options", CONFIGS, ids=lambda o: "-".join(map(str, o.values())))
-def test_warm_up_runs_every_method_and_leaves_the_weights_alone(options: dict) -> None:
+def test_warm_up_runs_every_method_and_leaves_the_weights_and_the_rng_alone(options: dict) -> None:
     weights = _weights()
     before = copy.deepcopy([(w.param.detach(), w.param.grad, w.mask_bits) for w in weights])
-    warm_up_transitions(ResuConfig(**options), weights, device_types=("cpu",))
+    rng = torch.get_rng_state()
+    with torch.inference_mode():  # a first forward may come under it (an evaluation first)
+        warm_up_transitions(ResuConfig(**options), weights, device_types=("cpu",))
+    assert torch.equal(torch.get_rng_state(), rng)  # the user's random stream is not drawn from
     for weight, (param, grad, bits) in zip(weights, before, strict=True):
         assert torch.equal(weight.param.detach(), param)
         assert torch.equal(weight.param.grad, grad)
