@@ -459,8 +459,8 @@ CPU_COST = (
     "(resu_compile/kernels/masked_adam.py and its siblings), which per weight unpacks the mask "
     "from its bits, steps AdamW op by op, then re-applies the mask and, in the RESU phase, "
     "gathers and scatters the selected theta by boolean indexing: several passes over every "
-    "tensor where torch's AdamW makes one; the compiled graphs also add Dynamo's per-call overhead to the forward and "
-    "backward. On a GPU each of these updates is one fused Triton launch, and the sparse and RESU "
+    "tensor where torch's AdamW makes one; the compiled graphs also add Dynamo's per-call "
+    "overhead to the forward and backward. On a GPU each of these updates is one fused Triton launch, and the sparse and RESU "
     "phases run within a few percent of dense (README, Status)."
 )
 

@@ -53,10 +53,12 @@ def compile(
     _check_flags(inplace=inplace, fullgraph=fullgraph, dynamic=dynamic)
     inner = ddp_inner(model)
     target = inner if inner is not None else model
+    shared = shared_parameter(target)
     managed = find_controller(model) is not None or find_controller(target) is not None
-    if managed and shared_parameter(target) is None:
+    if managed and shared is None:
         raise ValueError("resu.compile: model is already compiled by resu-compile")
-    _check_not_shared(target)
+    if shared is not None:
+        _refuse_shared(shared)
     config = _resolve_config(config, sparsity, options)
     _check_model(target, config)
     sharded = is_sharded(target)
@@ -133,17 +135,15 @@ def _in_place_call(model: torch.nn.Module) -> Callable[..., Any]:
     return call
 
 
-def _check_not_shared(model: torch.nn.Module) -> None:
+def _refuse_shared(shared: tuple[str, PhaseController, torch.nn.Module | None]) -> None:
     """Two controllers must never hold one weight (it would get two masks)."""
-    shared = shared_parameter(model)
-    if shared is not None:
-        name, _, owner = shared
-        holder = type(owner).__name__ if owner is not None else "another model"
-        raise ValueError(
-            f"resu.compile: parameter {name!r} is shared with a model already managed by "
-            f"resu-compile ({holder}); a weight can have only one mask: compile the model that "
-            "contains both, or give each model its own copy of the shared module"
-        )
+    name, _, owner = shared
+    holder = type(owner).__name__ if owner is not None else "another model"
+    raise ValueError(
+        f"resu.compile: parameter {name!r} is shared with a model already managed by "
+        f"resu-compile ({holder}); a weight can have only one mask: compile the model that "
+        "contains both, or give each model its own copy of the shared module"
+    )
 
 
 def _check_recompile_limit(model: torch.nn.Module, call: Callable[..., Any] | None) -> None:

@@ -84,12 +84,17 @@ def shared_parameter(
     """A parameter of ``model`` that another model's controller already holds (managed, or in the
     module it was created for), as (name in ``model``, that controller, its module)."""
     model = getattr(model, "_orig_mod", model)
+    others = [
+        (module, controller, {id(p) for p in module.parameters()})
+        for module, controller in list(_BY_MODULE.items())
+        if module is not model
+    ]
     for name, param in model.named_parameters():
         owner = owner_of(param)
         if owner is not None and module_of(owner) is not model:
             return name, owner, module_of(owner)
-        for module, controller in list(_BY_MODULE.items()):
-            if module is not model and any(p is param for p in module.parameters()):
+        for module, controller, held in others:
+            if id(param) in held:
                 return name, controller, module
     return None
 

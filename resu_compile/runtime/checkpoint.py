@@ -9,6 +9,7 @@ into, before anything is applied: a truncated, tampered or mismatched state chan
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,9 +163,7 @@ def _check_bits(name: str, entry: dict[str, Any], prints: Any) -> None:
     fingerprints, theta's buffers of the entry's shape."""
     where = f"weights[{name!r}]"
     shape = entry["shape"]
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     for key in _BITS:
         value = entry.get(key)
         if value is None:

@@ -452,9 +452,7 @@ class PhaseController:
             # The merge leaves theta's places active and "the next PRUNE re-prunes" (METHOD.md
             # section 5); after the last cycle no PRUNE follows, so it runs here, or the run
             # would end denser than its sparsity.
-            sparsity = self.target_sparsity
-            pruned = prune_weights(self._context(), list(self.state), sparsity, config.criterion)
-            self._record("prune", target=sparsity, layers=pruned)
+            self._prune(self.target_sparsity)
         self._end_cycle()
 
     def _trainable(self) -> list[ManagedWeight]:

@@ -198,14 +198,13 @@ def check_sharded_optimizer(
                 )
 
 
-def check_sharded(weights: list[ManagedWeight], **rules: str) -> None:
-    """Refuse, naming the weight, a rule that needs whole rows or a whole weight on a shard."""
-    supported = {"criterion": ("magnitude", "random")}
-    for option, value in rules.items():
-        if value not in supported[option]:
-            sharded = [w.name for w in weights if w.shard is not None]
-            if sharded:
-                raise ValueError(
-                    f"{option} {value!r} is not supported for FSDP2-sharded weights "
-                    f"({sharded[0]!r}); supported: {', '.join(supported[option])}"
-                )
+def check_sharded_criterion(weights: list[ManagedWeight], criterion: str) -> None:
+    """Refuse, naming the weight, a prune criterion that needs whole rows on a shard (a
+    schedule's prune may name one other than the config's, checked at compile time)."""
+    supported = SHARDED_SUPPORT["criterion"]
+    sharded = [w.name for w in weights if w.shard is not None]
+    if criterion not in supported and sharded:
+        raise ValueError(
+            f"criterion {criterion!r} is not supported for FSDP2-sharded weights "
+            f"({sharded[0]!r}); supported: {', '.join(supported)}"
+        )

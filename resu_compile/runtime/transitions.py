@@ -37,7 +37,7 @@ from resu_compile.optim.slots import (
 )
 from resu_compile.runtime.distributed import sum_over_shards, sum_rows_over_shards
 from resu_compile.runtime.sharded import (
-    check_sharded,
+    check_sharded_criterion,
     choose_bits,
     draw,
     full_shape,
@@ -71,7 +71,7 @@ def prune_weights(
     """
     config = ctx.config
     check_pattern(config, weights)
-    check_sharded(weights, criterion=criterion)
+    check_sharded_criterion(weights, criterion)
     scores = None
     if config.distribution == "uniform" or config.nm is not None:
         counts = [keep_count(w.total_numel, sparsity) for w in weights]
@@ -148,7 +148,7 @@ def check_pattern(config: ResuConfig, weights: list[ManagedWeight]) -> None:
 
 
 def _prune_scores(ctx: TransitionContext, weight: ManagedWeight, criterion: str) -> torch.Tensor:
-    if weight.shard is not None:  # check_sharded let only these two through
+    if weight.shard is not None:  # check_sharded_criterion let only these two through
         if criterion == "random":
             return draw(weight, "rand", ctx.generator(weight, "prune"))
         return local(weight.param.detach()).abs()
@@ -158,7 +158,7 @@ def _prune_scores(ctx: TransitionContext, weight: ManagedWeight, criterion: str)
         input_norms=input_norms(weight, f"criterion {criterion!r}")
         if criterion == "wanda"
         else None,
-        input_dim=weight.input_dim if weight.input_dim is not None else 1,
+        input_dim=weight.reduction_dim,
         generator=ctx.generator(weight, "prune"),
     )
 
@@ -506,7 +506,7 @@ def _amnesty_scores(config: ResuConfig, weight: ManagedWeight) -> torch.Tensor:
         score,
         gradient=gradient,
         input_norms=input_norms(weight, "amnesty_score 'wanda'") if score == "wanda" else None,
-        input_dim=weight.input_dim if weight.input_dim is not None else 1,
+        input_dim=weight.reduction_dim,
     )
 
 

@@ -43,6 +43,8 @@ def warm_up_transitions(
     """Run the transitions ``config.method`` schedules once on scratch copies of ``weights``'
     kinds, one group per (device, dtype). Only on ``device_types`` (where kernels compile), and
     not for FSDP2 shards (their transitions communicate, so every rank would have to join)."""
+    if config.method == "dense":
+        return
     groups: dict[tuple[torch.device, torch.dtype], list[ManagedWeight]] = {}
     for weight in weights:
         param = weight.param
@@ -76,8 +78,6 @@ def _scratch(
 def _run_transitions(config: ResuConfig, scratch: list[ManagedWeight]) -> None:
     """Two prunes (the first on dense weights, the next on pruned ones, as GMP's cycles do), then
     RESU's entry and commit or RigL's regrowth."""
-    if config.method == "dense":
-        return
     device = scratch[0].param.device
     context = TransitionContext(
         config,
