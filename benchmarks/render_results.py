@@ -394,15 +394,31 @@ def _flag(value: bool | None) -> str:
     return "" if value is None else ("yes" if value else "no")
 
 
+def semi_sparse_section(result: dict[str, Any]) -> str:
+    from benchmarks.semi_sparse import report
+
+    return "\n\n".join(
+        [
+            "### 2:4 sparse phases on the sparse tensor cores (`semi_sparse=True`)",
+            f"{_provenance(result, result['command'])}; {result['tokens']} tokens a step. Kernel times (ms) are CUDA-graph replays; *layer* is a training step's three "
+            "products plus refreshing the two compressed weights, over the three dense products.",
+            report(result, tablefmt="github"),
+        ]
+    )
+
+
 def performance_sections(results: Path) -> str:
-    """The overhead tables then the transitions table, as far as their JSON exists ("" if none)."""
+    """The overhead, transitions and 2:4 tables, as far as their JSON exists ("" if none)."""
     overhead = _load(results / "overhead.json")
     transitions = _load(results / "transitions.json")
+    semi_sparse = _load(results / "semi_sparse.json")
     parts = []
     if overhead:
         parts.append(overhead_section(overhead))
     if transitions:
         parts.append(transitions_section(transitions))
+    if semi_sparse:
+        parts.append(semi_sparse_section(semi_sparse))
     return "\n\n".join(parts)
 
 

@@ -155,6 +155,7 @@ class ResuConfig:
     criterion: str = option("magnitude", "pruning", one_of(CRITERIA), checkpoint=True)
     distribution: str | None = option(None, "pruning", one_of(DISTRIBUTIONS), checkpoint=True)
     pattern: str | None = option(None, "pruning", None, checkpoint=True)
+    transposable: bool = option(False, "pruning", BOOL, checkpoint=True, scope="pattern")
     # -- the RESU phase
     selection: str = option("random", "resu", one_of(SELECTIONS), checkpoint=True, scope="resu")
     alpha: float = option(0.2, "resu", number(0, 1, open_low=True), checkpoint=True, scope="resu")
@@ -200,6 +201,7 @@ class ResuConfig:
     nan_policy: str = option("skip", "runtime", one_of(NAN_POLICIES))
     compiler: str = option("inductor", "runtime", one_of(COMPILERS))
     gradient_mask: str = option("optimizer", "runtime", one_of(GRADIENT_MASKS))
+    semi_sparse: bool = option(False, "runtime", BOOL, scope="pattern='2:4'")
 
     def __post_init__(self) -> None:
         for name in ("schedule", "pause_after", "phase_fractions", "theta_betas"):
@@ -353,6 +355,18 @@ class ResuConfig:
         self._validate_pattern()
 
     def _validate_pattern(self) -> None:
+        _require(
+            not self.transposable or self.pattern is not None,
+            "transposable",
+            "False unless a 'pattern' is given (it makes the pattern hold in both directions)",
+            self.transposable,
+        )
+        _require(
+            not self.semi_sparse or self.pattern == "2:4",
+            "semi_sparse",
+            "False unless pattern is '2:4' (the sparse tensor cores' pattern)",
+            self.semi_sparse,
+        )
         if self.pattern is None:
             return
         parts = self.pattern.split(":") if isinstance(self.pattern, str) else []
@@ -381,6 +395,13 @@ class ResuConfig:
             "method",
             f"'resu' or 'oneshot' with pattern {self.pattern!r}",
             self.method,
+        )
+        _require(
+            not self.transposable or m <= 4,
+            "transposable",
+            f"False with pattern {self.pattern!r} (transposable patterns are searched exactly, "
+            "for M <= 4)",
+            self.transposable,
         )
 
 

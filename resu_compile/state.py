@@ -45,6 +45,8 @@ class ManagedWeight:
     #: theta's state is kept in ``theta_buffers`` only (the optimizer's slots are not free).
     theta_private: bool = False
     shard: ShardLayout | None = None
+    #: How its products run in the 2:4 phases under ``semi_sparse`` (None: the option is off).
+    semi_sparse_products: str | None = None
     _active: int | None = field(default=None, repr=False)
     _selected: int | None = field(default=None, repr=False)
     _all_active_bits: torch.Tensor | None = field(default=None, repr=False)

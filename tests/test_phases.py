@@ -50,8 +50,8 @@ def _record_variants(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, obje
     built = []
     original = backend.build_variant
 
-    def recording(gm, weights, uses, spec):
-        variant = original(gm, weights, uses, spec)
+    def recording(gm, weights, uses, spec, **options):
+        variant = original(gm, weights, uses, spec, **options)
         built.append((variant, spec))
         return variant
 

@@ -21,6 +21,7 @@ CONFIGS = [
     {"method": "resu", "selection": "consistency", "carry_theta_state": True},
     {"method": "resu", "criterion": "wanda", "amnesty_score": "wanda"},
     {"method": "resu", "pattern": "2:4", "sparsity": 0.5},
+    {"method": "resu", "pattern": "2:4", "sparsity": 0.5, "transposable": True},
     {"method": "gmp"},
     {"method": "oneshot", "criterion": "random"},
     {"method": "rigl"},

@@ -9,6 +9,7 @@ current phase needs. Variants are compiled once and cached; a phase switch is a 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from resu_compile.compiler.distributed import sharded_parameter
 from resu_compile.compiler.names import frame_locals, root_module, source_name
 from resu_compile.compiler.passes.eligibility import is_lora_name, lora_adapter_ids, skip_reason
 from resu_compile.compiler.passes.match import WeightCandidate, find_weight_candidates
-from resu_compile.compiler.passes.rewrite import VariantSpec, build_variant
+from resu_compile.compiler.passes.rewrite import VariantSpec, build_variant, semi_sparse_fallback
 from resu_compile.compiler.registry import (
     holder_of,
     module_of,
@@ -34,11 +35,17 @@ from resu_compile.shards import shard_layout
 from resu_compile.state import ManagedWeight
 
 
-def inner_compiler(name: str) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
-    """The compiler each variant is handed to after the rewrite."""
+def inner_compiler(
+    name: str, cuda_graphs: bool = False
+) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
+    """The compiler each variant is handed to after the rewrite; ``cuda_graphs``: Inductor's
+    CUDA graphs (``mode="reduce-overhead"``), which the 2:4 products need (their per-call host
+    set-up is paid once, at capture)."""
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
+        if cuda_graphs:
+            return functools.partial(compile_fx, config_patches={"triton.cudagraphs": True})
         return compile_fx
     if name == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")
@@ -49,6 +56,8 @@ def inner_compiler(name: str) -> Callable[[fx.GraphModule, list[Any]], Callable[
 VARIANTS = {
     "dense": VariantSpec(),
     "sparse": VariantSpec(mask_gradients=True),
+    "semi_sparse": VariantSpec(semi_sparse=True),
+    "semi_sparse_masked": VariantSpec(mask_gradients=True, semi_sparse=True),
     "calibrate": VariantSpec(record_norms=True),
 }
 
@@ -71,7 +80,6 @@ class GraphDispatcher:
         self._gm = gm
         self._example_inputs = list(example_inputs)
         self._config = controller.config
-        self._inner = inner_compiler(controller.config.compiler)
         self._slots = managed
         self._placeholders = [candidate.placeholder for _, candidate, _ in managed]
         self._uses = [use for _, candidate, _ in managed for use in candidate.graph_uses]
@@ -88,6 +96,11 @@ class GraphDispatcher:
         self._bound_sharded: set[int] = set()
         if self._sharded:
             self._bound_sharded.add(id(example_inputs[self._sharded[0][0]]))
+        if self._config.semi_sparse:
+            for _, candidate, weight in managed:
+                weight.semi_sparse_products = semi_sparse_products(
+                    candidate, self._config.transposable
+                )
         self._tracing_context = torch._guards.TracingContext.try_get()
         self._variants: dict[str, Callable[..., Any]] = {}
         self._variant(
@@ -108,7 +121,14 @@ class GraphDispatcher:
         compiled = self._variants.get(name)
         if compiled is None:
             spec = VARIANTS[name]
-            variant = build_variant(self._gm, self._placeholders, self._uses, spec)
+            variant = build_variant(
+                self._gm,
+                self._placeholders,
+                self._uses,
+                spec,
+                transposable=self._config.transposable,
+            )
+            inner = inner_compiler(self._config.compiler, cuda_graphs=spec.semi_sparse)
             inputs = [*self._example_inputs, *_extra_inputs(spec, weights)]
             with contextlib.ExitStack() as stack:
                 if (
@@ -116,7 +136,7 @@ class GraphDispatcher:
                     and torch._guards.TracingContext.try_get() is None
                 ):
                     stack.enter_context(torch._guards.tracing(self._tracing_context))
-                compiled = self._variants[name] = self._inner(variant, inputs)
+                compiled = self._variants[name] = inner(variant, inputs)
         return compiled
 
     def _binding(self, args: tuple[Any, ...]) -> tuple[PhaseController, list[ManagedWeight]]:
@@ -166,6 +186,20 @@ def register_sharded(
     if weight.input_dim is None:
         weight.input_dim = candidate.input_dim
     return weight
+
+
+def semi_sparse_products(candidate: WeightCandidate, transposable: bool) -> str:
+    """What the report says of a weight's products in the semi-sparse variants."""
+    reasons = [semi_sparse_fallback(use) for use in candidate.graph_uses]
+    dense = "; ".join(sorted({r for r in reasons if r is not None}))
+    if None not in reasons:
+        return f"dense: {dense or 'no linear use'}"
+    sparse = (
+        "forward and input gradient on 2:4 cores"
+        if transposable
+        else "forward on 2:4 cores (input gradient dense: mask not transposable)"
+    )
+    return f"{sparse}; elsewhere dense: {dense}" if dense else sparse
 
 
 def _extra_inputs(spec: VariantSpec, weights: list[ManagedWeight]) -> list[torch.Tensor]:

@@ -6,12 +6,16 @@ Pure tensor rules, no FX and no controller:
 - :func:`prune_mask`: the new mask of one layer, over the whole layer or row by row (Wanda).
 - :func:`layer_keep_counts`: how many coordinates each layer keeps (uniform, global, ERK).
 - :func:`nm_mask`: the N:M pattern (top ``n`` of every ``m`` consecutive inputs of a row).
+- :func:`transposable_nm_mask`: the N:M pattern in both directions (every ``m x m`` block keeps
+  ``n`` of each row and of each column), so the transposed weight is N:M too.
 
 Every tie is broken by the lower index (flat index within a layer, then layer order).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -339,6 +343,60 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.T
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(m, device=groups.device).expand_as(order))
     return (ranks < n).reshape(moved.shape).movedim(-1, dim)
+
+
+def transposable_nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask of a 2-D ``scores`` in which every ``m x m`` block (rows ``[i, i + m)``, columns
+    ``[j, j + m)``) keeps exactly ``n`` of each of its rows and ``n`` of each of its columns: the
+    one pattern of the block with the largest score sum (ties: the first in the enumeration order
+    of :func:`_transposable_patterns`, which prefers lower columns in the first rows).
+
+    The mask is N:M along both dims, so the weight and its transpose both run on sparse tensor
+    cores (Hubara et al. 2021, "Accelerated Sparse Neural Training"); the search is exact, every
+    pattern of a block is scored (90 for 2:4).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores: a transposable mask needs a 2-D weight, got {scores.dim()}-D")
+    rows, cols = scores.shape
+    if rows % m or cols % m:
+        raise ValueError(f"m: shape {tuple(scores.shape)} is not divisible by m={m} in both dims")
+    patterns = _transposable_patterns(n, m).to(scores.device)
+    blocks = (
+        scores.double().reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
+    )
+    # Bounded scratch: at most ~2^25 block x pattern sums at a time.
+    chunk = max(1, (1 << 25) // patterns.shape[0])
+    best = torch.cat([(part @ patterns.T).argmax(dim=1) for part in blocks.split(chunk)])
+    chosen = patterns.bool()[best]
+    return chosen.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3).reshape(rows, cols)
+
+
+@functools.cache
+def _transposable_patterns(n: int, m: int) -> torch.Tensor:
+    """Every ``m x m`` 0/1 block with ``n`` ones in each row and each column, flattened row by
+    row, as float64 ``[patterns, m * m]``: rows' choices enumerated lowest columns first."""
+    if not 0 < n < m <= 4:
+        raise ValueError(f"n, m: a transposable pattern needs 0 < n < m <= 4, got n={n}, m={m}")
+    row_choices = list(itertools.combinations(range(m), n))
+    found = []
+    for choice in itertools.product(row_choices, repeat=m):
+        block = torch.zeros(m, m, dtype=torch.float64)
+        for row, columns in enumerate(choice):
+            block[row, list(columns)] = 1
+        if bool((block.sum(dim=0) == n).all()):
+            found.append(block.flatten())
+    return torch.stack(found)
+
+
+def pattern_mask(
+    scores: torch.Tensor, n: int, m: int, *, input_dim: int = 1, transposable: bool = False
+) -> torch.Tensor:
+    """The N:M mask of a weight: :func:`transposable_nm_mask` for a 2-D weight when
+    ``transposable`` (its blocks are the same in either orientation, so ``input_dim`` does not
+    matter), else :func:`nm_mask` (convolution kernels always: their products stay dense)."""
+    if transposable and scores.dim() == 2:
+        return transposable_nm_mask(scores, n, m)
+    return nm_mask(scores, n, m, input_dim=input_dim)
 
 
 def _check_dim(tensor: torch.Tensor, dim: int, name: str) -> int:

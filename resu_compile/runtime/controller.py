@@ -48,6 +48,9 @@ from resu_compile.views.export import export_state_dict
 from resu_compile.views.report import render_report
 from resu_compile.views.telemetry import render_history
 
+#: The graph variants (``graph_variant()``) whose backward zeroes the pruned weight gradients.
+GRADIENT_MASKING_VARIANTS = ("sparse", "semi_sparse_masked")
+
 
 class PhaseController:
     """Drives one compiled model through its method's schedule (the ``model.resu`` handle)."""
@@ -92,20 +95,18 @@ class PhaseController:
         """The graph variant the current phase runs (see ``backend.VARIANTS``)."""
         if self._calibrating:
             return "calibrate"
-        if (
-            self.phase is not Phase.RESU
-            and self.config.gradient_mask == "graph"
-            and self.pruned
-            and not self.needs_dense_gradient()
-        ):
-            return "sparse"
-        return "dense"
+        if self.phase is Phase.RESU or not self.pruned:
+            return "dense"  # the RESU phase's W_eff fills pruned slots with theta: no pattern
+        masked = self.config.gradient_mask == "graph" and not self.needs_dense_gradient()
+        if self.config.semi_sparse:
+            return "semi_sparse_masked" if masked else "semi_sparse"
+        return "sparse" if masked else "dense"
 
     def record_forward(self, variant: str) -> None:
         """The dispatcher ran ``variant``: the next step trusts a graph mask only if a compiled
         forward served the sparse variant since the last step (a prune in between, e.g. RigL's
         initial one, or an eager forward in a pause callback, masks nothing)."""
-        self._sparse_forward = variant == "sparse"
+        self._sparse_forward = variant in GRADIENT_MASKING_VARIANTS
 
     def needs_dense_gradient(self) -> bool:
         """Whether the step in progress must see ``G`` on pruned coordinates too (RigL's grow

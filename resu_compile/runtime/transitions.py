@@ -27,7 +27,7 @@ from resu_compile.method.amnesty import (
     amnesty_scores,
     untrained_scores,
 )
-from resu_compile.method.pruning import keep_top, layer_keep_counts, nm_mask, prune_scores
+from resu_compile.method.pruning import keep_top, layer_keep_counts, pattern_mask, prune_scores
 from resu_compile.method.rigl import rigl_regrow
 from resu_compile.method.schedule import keep_count
 from resu_compile.optim.slots import (
@@ -129,12 +129,20 @@ def _pattern_or_row_mask(
 ) -> torch.Tensor:
     """The N:M mask, or Wanda's (top-k compared within each output row)."""
     if config.nm is not None:
-        return nm_mask(scores, *config.nm, input_dim=weight.reduction_dim)
+        return _pattern_mask(config, weight, scores)
     return keep_top(scores, count, weight.mask(), per_row=True, output_dim=1 - weight.input_dim)
 
 
+def _pattern_mask(config: ResuConfig, weight: ManagedWeight, scores: torch.Tensor) -> torch.Tensor:
+    n, m = config.nm  # type: ignore[misc]
+    return pattern_mask(
+        scores, n, m, input_dim=weight.reduction_dim, transposable=config.transposable
+    )
+
+
 def check_pattern(config: ResuConfig, weights: list[ManagedWeight]) -> None:
-    """With an N:M pattern, every managed weight's input dim must split into groups of M."""
+    """With an N:M pattern, every managed weight's input dim must split into groups of M (and,
+    for a transposable pattern, a 2-D weight's output dim too)."""
     if config.nm is None:
         return
     m = config.nm[1]
@@ -144,6 +152,16 @@ def check_pattern(config: ResuConfig, weights: list[ManagedWeight]) -> None:
             raise ValueError(
                 f"pattern {config.pattern!r}: managed weight {weight.name!r} has "
                 f"{size} inputs, not a multiple of {m}; exclude it with exclude=[...]"
+            )
+        if (
+            config.transposable
+            and len(weight.shape) == 2
+            and weight.shape[1 - weight.reduction_dim] % m
+        ):
+            raise ValueError(
+                f"transposable=True: managed weight {weight.name!r} has "
+                f"{weight.shape[1 - weight.reduction_dim]} outputs, not a multiple of {m}; "
+                "exclude it with exclude=[...]"
             )
 
 
@@ -356,10 +374,7 @@ def _winners(
             None
         ] * len(weights)
     if config.nm is not None:  # the pattern fixes every group's places: no quota
-        bits = [
-            pack_bits(nm_mask(_amnesty_scores(config, w), *config.nm, input_dim=w.reduction_dim))
-            for w in weights
-        ]
+        bits = [pack_bits(_pattern_mask(config, w, _amnesty_scores(config, w))) for w in weights]
         return bits, list(n_keeps)
     bits = _tournaments(config, weights, old_bits, trained_bits, quotas)
     return bits, [min(n_keep, w.numel) for w, n_keep in zip(weights, n_keeps, strict=True)]

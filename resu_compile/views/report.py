@@ -21,12 +21,15 @@ def render_report(header: str, state: StateManager, totals: str | None) -> str:
         ]
         for w in state
     ]
+    headers = ["name", "shape", "ops", "sparsity", "active"]
+    if any(w.semi_sparse_products is not None for w in state):
+        headers.append("2:4 phases' products")
+        for row, w in zip(managed, state, strict=True):
+            row.append(w.semi_sparse_products or "-")
     parts = [
         header,
         "Managed weights:",
-        tabulate(
-            managed, headers=["name", "shape", "ops", "sparsity", "active"], disable_numparse=True
-        )
+        tabulate(managed, headers=headers, disable_numparse=True)
         if managed
         else "  (none: every weight seen was skipped, reasons below)"
         if skipped
