@@ -250,3 +250,37 @@ def test_semi_sparse_training_follows_the_dense_product_run(transposable: bool) 
         if transposable:
             assert _is_transposable(weight.mask().cpu())
         assert not (weight.param.detach()[~weight.mask()]).any()
+
+
+@pytest.mark.parametrize(
+    ("gradient_mask", "variant"), [("graph", "semi_sparse_masked"), ("optimizer", "semi_sparse")]
+)
+def test_the_2_4_phases_run_the_semi_sparse_variant_and_the_resu_phase_runs_dense(
+    gradient_mask: str, variant: str
+) -> None:
+    """On the CPU every product falls back (and the report says why); the phase picks the
+    variant, and with the graph mask its backward still zeroes the pruned gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    compiled = resu.compile(
+        model,
+        sparsity=0.5,
+        pattern="2:4",
+        semi_sparse=True,
+        manual=True,
+        compiler="aot_eager",
+        gradient_mask=gradient_mask,
+    )
+    x = torch.randn(4, 16)
+    compiled(x).sum().backward()
+    assert compiled.resu.graph_variant() == "dense"  # nothing pruned yet
+    compiled.resu.prune()
+    assert compiled.resu.graph_variant() == variant
+    model.zero_grad()
+    compiled(x).sum().backward()
+    if gradient_mask == "graph":
+        for weight in compiled.resu.state:
+            assert not weight.param.grad[~weight.mask()].any()
+    assert "dense: on cpu, not CUDA" in compiled.resu.report()
+    compiled.resu.enter_resu()
+    assert compiled.resu.graph_variant() == "dense"
