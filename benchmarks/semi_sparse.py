@@ -75,12 +75,8 @@ def graph_ms(fn: Callable[[], object], replays: int = 50) -> float:
     return start.elapsed_time(end) / replays
 
 
-def kernel_rows(shapes: list[tuple[int, int]]) -> list[dict[str, Any]]:
-    """Per shape: dense and 2:4 products and the compressions, in CUDA graphs (ms)."""
-    return [_kernel_row(out_features, in_features) for out_features, in_features in shapes]
-
-
-def _kernel_row(out_features: int, in_features: int) -> dict[str, Any]:
+def kernel_row(out_features: int, in_features: int) -> dict[str, Any]:
+    """One shape's dense and 2:4 products and compressions, in CUDA graphs (ms)."""
     from resu_compile.method.pruning import transposable_nm_mask
 
     weight = torch.randn(out_features, in_features, device="cuda")
@@ -290,7 +286,7 @@ def main() -> None:
         **environment(),
         "command": "python benchmarks/semi_sparse.py " + " ".join(sys.argv[1:]),
         "tokens": TOKENS,
-        "kernels": {m: kernel_rows(SHAPES[m]) for m in models},
+        "kernels": {m: [kernel_row(*shape) for shape in SHAPES[m]] for m in models},
         "models": {},
     }
     write_json(args.out, result)

@@ -114,7 +114,7 @@ class GraphDispatcher:
             return self._variants["dense"](*args)
         controller, weights = self._binding(args)
         name = controller.graph_variant()
-        controller.record_forward(name)
+        controller.record_forward(VARIANTS[name].mask_gradients)
         return self._variant(name, weights)(*args, *_extra_inputs(VARIANTS[name], weights))
 
     def _variant(self, name: str, weights: list[ManagedWeight]) -> Callable[..., Any]:

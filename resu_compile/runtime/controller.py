@@ -48,9 +48,6 @@ from resu_compile.views.export import export_state_dict
 from resu_compile.views.report import render_report
 from resu_compile.views.telemetry import render_history
 
-#: The graph variants (``graph_variant()``) whose backward zeroes the pruned weight gradients.
-GRADIENT_MASKING_VARIANTS = ("sparse", "semi_sparse_masked")
-
 
 class PhaseController:
     """Drives one compiled model through its method's schedule (the ``model.resu`` handle)."""
@@ -102,11 +99,12 @@ class PhaseController:
             return "semi_sparse_masked" if masked else "semi_sparse"
         return "sparse" if masked else "dense"
 
-    def record_forward(self, variant: str) -> None:
-        """The dispatcher ran ``variant``: the next step trusts a graph mask only if a compiled
-        forward served the sparse variant since the last step (a prune in between, e.g. RigL's
-        initial one, or an eager forward in a pause callback, masks nothing)."""
-        self._sparse_forward = variant in GRADIENT_MASKING_VARIANTS
+    def record_forward(self, masks_gradients: bool) -> None:
+        """The dispatcher ran a variant (``masks_gradients``: one whose backward zeroes the pruned
+        gradients): the next step trusts a graph mask only if a compiled forward served such a
+        variant since the last step (a prune in between, e.g. RigL's initial one, or an eager
+        forward in a pause callback, masks nothing)."""
+        self._sparse_forward = masks_gradients
 
     def needs_dense_gradient(self) -> bool:
         """Whether the step in progress must see ``G`` on pruned coordinates too (RigL's grow
