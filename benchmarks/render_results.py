@@ -35,6 +35,8 @@ ACCURACY_ABLATIONS = {
     "schedule and phase split) with no RESU phase: no theta, no amnesty",
     "resu-no-amnesty": "the default RESU with amnesty=False (the commit merges all theta)",
 }
+#: Labels whose options are the baselines' own, not listed per table.
+BASELINE_LABELS = ("dense", "oneshot", "gmp", "rigl")
 TRANSITION_TARGET_MS_PER_100M = 20.0  # the mask transitions' budget per 100M managed weights
 ACCURACY_NOT_MEASURED = (
     "Not measured yet: run `python -m benchmarks.accuracy --task TASK` on the GPU machine "
@@ -196,10 +198,15 @@ def transitions_section(result: dict[str, Any]) -> str:
 
 
 def accuracy_results(results: Path) -> list[dict[str, Any]]:
-    """Every ``accuracy-<task>.json``, in :data:`ACCURACY_TASKS` order."""
-    found = [json.loads(p.read_text()) for p in sorted(results.glob("accuracy-*.json"))]
+    """Every ``accuracy-<study>.json`` (a task's study, or another study of a task, such as
+    ``accuracy-kjv-gpt-24.json``), in :data:`ACCURACY_TASKS` order, each with its ``study``
+    name from the file name."""
+    found = [
+        {**json.loads(p.read_text()), "study": p.stem.removeprefix("accuracy-")}
+        for p in sorted(results.glob("accuracy-*.json"))
+    ]
     order = {task: i for i, task in enumerate(ACCURACY_TASKS)}
-    return sorted(found, key=lambda r: (order.get(r["task"], len(order)), r["task"]))
+    return sorted(found, key=lambda r: (order.get(r["task"], len(order)), r["study"]))
 
 
 def accuracy_section(result: dict[str, Any]) -> str:
@@ -266,7 +273,7 @@ def accuracy_section(result: dict[str, Any]) -> str:
     variants = {
         m: options
         for m, options in result.get("methods", {}).items()
-        if m in methods and m not in ACCURACY_ABLATIONS and m.startswith("resu")
+        if m in methods and m not in ACCURACY_ABLATIONS and m not in BASELINE_LABELS
     }
     if variants:
         notes.append(
@@ -283,7 +290,7 @@ def accuracy_section(result: dict[str, Any]) -> str:
     if any(run.get("trace") for run in result["runs"]):
         notes.append(
             f"Validation traces (metric every few steps and after every transition): "
-            f"`benchmarks/results/accuracy-{result['task']}.png`."
+            f"`benchmarks/results/accuracy-{_study(result)}.png`."
         )
     if result.get("errors"):
         notes.append(f"**{len(result['errors'])} runs failed** and are missing from the table.")
@@ -294,12 +301,17 @@ def accuracy_section(result: dict[str, Any]) -> str:
         )
     return "\n\n".join(
         [
-            f"### {result['task']}: {result['metric']}",
+            f"### {_study(result)}: {result['metric']}",
             _provenance(result, result["command"]),
             *notes,
             tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True),
         ]
     )
+
+
+def _study(result: dict[str, Any]) -> str:
+    """The study's name: its file's (``accuracy-<study>.json``), else the task's."""
+    return result.get("study", result["task"])
 
 
 def _after_final_prune(cell: dict[str, Any] | None, digits: int) -> str:

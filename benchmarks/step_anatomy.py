@@ -3,7 +3,8 @@
 ``benchmarks/overhead.py`` says *how much* a phase costs against dense; this one says *where*. For
 one model it builds a dense ``torch.compile`` trainer and a ``resu.compile`` trainer (one per
 ``--modes`` entry) in one process, and for each phase of ours (before the first prune, sparse,
-RESU) it measures, beside the same number of dense steps alternated with ours:
+RESU; the calibrate forward against dense's forward) it measures, beside the same number of dense
+steps alternated with ours:
 
 - wall-clock step time (median of synchronised steps) and its ratio to dense: the median, and
   quartiles, of the ratios of alternated blocks (the host's speed drifts between blocks);
@@ -130,15 +131,16 @@ def _kernel_profile(fn: Callable[[], None], steps: int) -> dict[str, Any]:
     }
 
 
-def _phase(
-    name: str,
-    ours: Trainer,
-    dense: Trainer,
+def _against_dense(
+    ours: Callable[[], None],
+    dense: Callable[[], None],
     dense_profile: dict[str, Any],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    timing = alternated(ours.step, dense.step, args.rounds, args.block)
-    profile = _kernel_profile(ours.step, args.profile_steps)
+    """Alternated timing and kernel profile of ``ours`` beside the same call of dense, with the
+    kernels whose time differs most from dense's."""
+    timing = alternated(ours, dense, args.rounds, args.block)
+    profile = _kernel_profile(ours, args.profile_steps)
     differing = {
         kernel: ms - dense_profile["kernels"].get(kernel, 0.0)
         for kernel, ms in profile["kernels"].items()
@@ -146,14 +148,33 @@ def _phase(
     for kernel, ms in dense_profile["kernels"].items():
         differing.setdefault(kernel, -ms)
     top = sorted(differing.items(), key=lambda item: -abs(item[1]))[: args.top]
+    return {"timing": timing, "profile": profile, "kernels_vs_dense_ms": dict(top)}
+
+
+def _phase(
+    name: str,
+    ours: Trainer,
+    dense: Trainer,
+    dense_profile: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     return {
         "phase": name,
-        "timing": timing,
+        **_against_dense(ours.step, dense.step, dense_profile, args),
         "host_ms": _host_parts(ours, args.profile_steps),
         "python_profile": _python_profile(ours, args.profile_steps, args.top * 4),
-        "profile": profile,
-        "kernels_vs_dense_ms": dict(top),
     }
+
+
+def _calibrate_phase(
+    ours: Trainer, dense: Trainer, dense_forward_profile: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The calibrate variant's forward (Wanda's input norms) against dense's forward."""
+    with ours.compiled.resu.calibrate():
+        measured = _against_dense(
+            ours.forward_only, dense.forward_only, dense_forward_profile, args
+        )
+    return {"phase": "calibrate (forward)", **measured, "host_ms": {}}
 
 
 class TritonCompiles:
@@ -237,10 +258,10 @@ def _cycles(trainer: Trainer, count: int) -> list[dict[str, float]]:
 
 
 def _mode(
-    mode: str, dense: Trainer, dense_profile: dict[str, Any], args: argparse.Namespace
+    mode: str, dense: Trainer, dense_profiles: dict[str, Any], args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], list[dict[str, float]], dict[str, Any] | None]:
-    """The phases of one resu mode against ``dense``, its transition cycles, and (with
-    ``--profile-commits``) its commit profiles."""
+    """The phases of one resu mode against ``dense`` (``dense_profiles``: its step's and its
+    forward's), its transition cycles, and (with ``--profile-commits``) its commit profiles."""
     ours = Trainer(args.model, mode)
     ours.step()
     controller = ours.compiled.resu
@@ -251,11 +272,17 @@ def _mode(
         ("resu", controller.enter_resu),
     ):
         enter()
-        phases.append({"mode": mode, **_phase(name, ours, dense, dense_profile, args)})
+        phases.append({"mode": mode, **_phase(name, ours, dense, dense_profiles["step"], args)})
+    phases.append({"mode": mode, **_calibrate_phase(ours, dense, dense_profiles["forward"], args)})
     controller.commit()
     cycles = _cycles(ours, args.cycles)
     profiles = _commit_profiles(ours, args.profile_commits) if args.profile_commits else None
     return phases, cycles, profiles
+
+
+def _dense_side(phase: dict[str, Any], dense_profiles: dict[str, Any]) -> dict[str, Any]:
+    """The dense profile a phase is compared with: the forward for calibrate, else the step."""
+    return dense_profiles["forward" if phase["phase"].startswith("calibrate") else "step"]
 
 
 def main() -> None:
@@ -283,9 +310,13 @@ def main() -> None:
     dense = Trainer(args.model, "dense")
     dense.step()
     dense_profile = _kernel_profile(dense.step, args.profile_steps)
+    dense_profiles = {
+        "step": dense_profile,
+        "forward": _kernel_profile(dense.forward_only, args.profile_steps),
+    }
     phases, cycles, commit_profiles = [], {}, {}
     for mode in args.modes.split(","):
-        mode_phases, cycles[mode], commit_profiles[mode] = _mode(mode, dense, dense_profile, args)
+        mode_phases, cycles[mode], commit_profiles[mode] = _mode(mode, dense, dense_profiles, args)
         phases += mode_phases
 
     result = {
@@ -295,6 +326,7 @@ def main() -> None:
             "host_ms": _host_parts(dense, args.profile_steps),
             "python_profile": _python_profile(dense, args.profile_steps, args.top * 4),
             "profile": dense_profile,
+            "forward_profile": dense_profiles["forward"],
         },
         "phases": phases,
         "cycles": cycles,
@@ -311,9 +343,9 @@ def main() -> None:
             "x p25": p["timing"]["ratio_p25"],
             "x p75": p["timing"]["ratio_p75"],
             "kernel ms": p["profile"]["kernel_ms"],
-            "dense kernel ms": dense_profile["kernel_ms"],
+            "dense kernel ms": _dense_side(p, dense_profiles)["kernel_ms"],
             "launches": p["profile"]["launches"],
-            "dense launches": dense_profile["launches"],
+            "dense launches": _dense_side(p, dense_profiles)["launches"],
             **{f"host {k}": v for k, v in p["host_ms"].items()},
         }
         for p in phases

@@ -25,6 +25,8 @@ SCHEDULES = ("linear", "cubic", "constant")
 COMPILERS = ("inductor", "aot_eager", "eager")
 SELECTIONS = ("random", "all", "topk", "consistency")
 THETA_OPTIMIZERS = ("sgd", "momentum", "adamw")
+#: ``theta_lr`` as given ("constant"), or scaled like the optimizer's own rate ("optimizer").
+THETA_LR_SCHEDULES = ("constant", "optimizer")
 AMNESTY_SCORES = ("magnitude", "gradient", "wanda")
 NAN_POLICIES = ("skip", "raise")
 GRADIENT_MASKS = ("graph", "optimizer")
@@ -181,6 +183,9 @@ class ResuConfig:
         "adamw", "resu", one_of(THETA_OPTIMIZERS), checkpoint=True, scope="resu"
     )
     theta_lr: float = option(1e-3, "resu", number(0, math.inf, open_low=True), scope="resu")
+    theta_lr_schedule: str = option(
+        "constant", "resu", one_of(THETA_LR_SCHEDULES), checkpoint=True, scope="resu"
+    )
     theta_betas: tuple[float, float] = option((0.9, 0.999), "resu", BETAS, scope="resu")
     theta_weight_decay: float = option(0.0, "resu", number(0), scope="resu")
     theta_init_eps: float = option(0.1, "resu", number(0), scope="resu")

@@ -222,6 +222,57 @@ def test_freeze_active_false_trains_actives_and_theta_together() -> None:
         assert not torch.equal(weight.param.detach()[weight.selection()], theta[weight.name])
 
 
+def _theta_after_resu_steps(scale: float | None, **options: Any) -> dict[str, torch.Tensor]:
+    """Theta on S after three RESU steps, the optimizer's rate held at ``scale`` of its initial
+    one by an LR scheduler (``None``: no scheduler)."""
+    compiled, _, optimizer = _build(manual=True, sparsity=0.6, theta_optimizer="sgd", **options)
+    scheduler = None
+    if scale is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: scale)
+    _backward(compiled, optimizer, 0)
+    compiled.resu.step(optimizer)
+    compiled.resu.prune()
+    compiled.resu.enter_resu()
+    for step in range(1, 4):
+        _backward(compiled, optimizer, step)
+        compiled.resu.step(optimizer)
+        if scheduler is not None:
+            scheduler.step()
+    return {w.name: w.param.detach()[w.selection()].clone() for w in compiled.resu.state}
+
+
+def test_theta_lr_schedule_optimizer_scales_theta_like_the_actives() -> None:
+    followed = _theta_after_resu_steps(0.25, theta_lr_schedule="optimizer", theta_lr=1e-2)
+    by_hand = _theta_after_resu_steps(0.25, theta_lr=0.25e-2)
+    unscaled = _theta_after_resu_steps(0.25, theta_lr=1e-2)
+    for name, theta in followed.items():
+        torch.testing.assert_close(theta, by_hand[name])
+        assert not torch.allclose(theta, unscaled[name])
+
+
+def test_theta_lr_schedule_optimizer_without_a_scheduler_keeps_theta_lr() -> None:
+    followed = _theta_after_resu_steps(None, theta_lr_schedule="optimizer", theta_lr=1e-2)
+    constant = _theta_after_resu_steps(None, theta_lr=1e-2)
+    for name, theta in followed.items():
+        torch.testing.assert_close(theta, constant[name])
+
+
+def test_theta_lr_schedule_optimizer_refuses_groups_on_different_schedules() -> None:
+    torch.manual_seed(0)
+    model = ENTRY.build()
+    compiled = resu.compile(
+        model, compiler="aot_eager", theta_lr_schedule="optimizer", cycles=1, steps_per_cycle=10
+    )
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    others = [p for p in model.parameters() if p.dim() != 2]
+    first, rest = weights[:1], weights[1:] + others
+    optimizer = torch.optim.AdamW([{"params": first}, {"params": rest}], lr=1e-2)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda _: 1.0, lambda _: 0.5])
+    _backward(compiled, optimizer, 0)
+    with pytest.raises(ValueError, match="different fractions of their initial lr"):
+        compiled.resu.step(optimizer)
+
+
 @pytest.mark.parametrize("carry", [False, True])
 def test_resurrected_state_starts_at_zero_or_carries_theta_moments(carry: bool) -> None:
     compiled, optimizer = _enter_resu_by_hand(theta_optimizer="adamw", carry_theta_state=carry)
