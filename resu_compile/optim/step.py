@@ -171,6 +171,11 @@ class ManagedStep:
         self._validated = key
         self.optimizer = optimizer
 
+    def group_of(self, weight: ManagedWeight) -> dict[str, Any] | None:
+        """The param group of the validated optimizer that holds ``weight`` (None for a frozen
+        weight it does not hold)."""
+        return self._groups.get(id(weight.param))
+
     # -- the two halves -----------------------------------------------------------------------
 
     def begin(self, optimizer: torch.optim.Optimizer, plan: StepPlan) -> None:

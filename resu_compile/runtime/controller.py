@@ -183,7 +183,8 @@ class PhaseController:
             except ValueError:
                 self._optimizer_check = mode  # refused: checked again at the next step
                 raise
-        lr_scale = theta_lr_scale(self.config, optimizer, weights)  # refuses before advancing
+        # Refuses before the schedule advances; the groups are those validate() just mapped.
+        lr_scale = theta_lr_scale(self.config, weights, self._managed_step.group_of)
         self.advance()
         self._check_upcoming(weights)
         self._managed_step.begin(

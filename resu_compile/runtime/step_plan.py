@@ -4,6 +4,7 @@ to :class:`~resu_compile.optim.step.ManagedStep`, which holds no controller."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,21 +46,22 @@ def plan_step(
 
 
 def theta_lr_scale(
-    config: ResuConfig, optimizer: torch.optim.Optimizer, weights: list[ManagedWeight]
+    config: ResuConfig,
+    weights: list[ManagedWeight],
+    group_of: Callable[[ManagedWeight], dict[str, Any] | None],
 ) -> float:
     """What ``theta_lr`` is multiplied by this step: 1 under ``theta_lr_schedule="constant"``;
     under ``"optimizer"`` the managed weights' rate over the ``initial_lr`` torch's LR schedulers
     record, so theta warms up and decays with the actives it competes against (1 for a param
-    group no scheduler drives: its rate is taken as constant)."""
+    group no scheduler drives: its rate is taken as constant). ``group_of`` gives a weight's
+    param group (None for a frozen weight the optimizer does not hold)."""
     if config.theta_lr_schedule == "constant":
         return 1.0
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    scales = []
-    for weight in weights:
-        group = group_of[id(weight.param)]
-        initial = group.get("initial_lr")
-        scales.append(float(group["lr"]) / float(initial) if initial else 1.0)
-    low, high = min(scales), max(scales)
+    groups = [group for group in map(group_of, weights) if group is not None]
+    scales = [
+        float(g["lr"]) / float(g["initial_lr"]) if g.get("initial_lr") else 1.0 for g in groups
+    ]
+    low, high = min(scales, default=1.0), max(scales, default=1.0)
     if high - low > 1e-6 * max(abs(high), 1e-12):
         raise ValueError(
             "theta_lr_schedule='optimizer' needs one schedule for every managed weight, but their "
