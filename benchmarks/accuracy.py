@@ -774,8 +774,9 @@ def resolved_config(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_key(method: str, sparsity: float | None, seed: int, config: Mapping[str, Any]) -> str:
-    """What makes two runs the same run: label, sparsity, seed and the resolved options."""
-    return json.dumps([method, sparsity, seed, config], sort_keys=True)
+    """What makes two runs the same run: label, sparsity, seed and the resolved options that
+    can change it (:meth:`ResuConfig.effective`)."""
+    return json.dumps([method, sparsity, seed, resu.ResuConfig.effective(config)], sort_keys=True)
 
 
 def record_key(record: Mapping[str, Any]) -> str | None:
@@ -786,33 +787,93 @@ def record_key(record: Mapping[str, Any]) -> str | None:
     return run_key(record["method"], record["sparsity"], record["seed"], record["config"])
 
 
+@dataclass
+class Resumption:
+    """What ``--resume`` makes of an earlier file: the runs still to train and the records kept,
+    with what it relabelled and what it dropped, so the run can say so."""
+
+    todo: list[Run]
+    kept: list[dict[str, Any]]
+    #: (earlier label, planned label) of every record that now serves another label's run
+    relabelled: list[tuple[str, str]]
+    #: labels of records dropped because the label now resolves to other options
+    stale: list[str]
+
+
 def remaining(
-    runs: Sequence[Run], earlier: Sequence[dict[str, Any]], compiler: str
-) -> tuple[list[Run], list[dict[str, Any]]]:
-    """``--resume``: the runs still to train, and the earlier records kept: those of the same
-    label, sparsity, seed and options as a planned run (a dense one only if it evaluated every
-    planned no-recovery sparsity), and those of runs not planned now. An earlier record of a
-    planned label, sparsity and seed under other options is superseded and dropped."""
-    planned = {}
+    task: Task, runs: Sequence[Run], earlier: Sequence[dict[str, Any]], compiler: str
+) -> Resumption:
+    """``--resume``: which planned runs an earlier file already holds, matched by what they
+    compute (sparsity, seed and resolved options), not by name.
+
+    - A record serves every planned run of its sparsity, seed and resolved options (a dense one
+      only if it evaluated every planned no-recovery sparsity). Under another label it moves to
+      the planned label, its options rewritten to that label's and the old ones kept as
+      ``relabelled_from``: after a default changes, a variant that spelled out the new default
+      is the default's run, and the old default's runs serve a variant spelling out the old one.
+    - A record serving no planned run is kept under its own label, unless that label is planned
+      at its sparsity and seed (superseded: trained again) or is a built-in label that now
+      resolves to other options (stale: a library default moved; dropped and reported).
+    - Records from before the resolved options were recorded are kept only if not planned.
+    """
+    planned: dict[str, Run] = {}
+    serving: dict[str, list[str]] = {}
     for run in runs:
         config = resolved_config(compile_options(run, compiler))
-        planned[run_key(run.method, run.sparsity, run.seed, config)] = run
+        key = run_key(run.method, run.sparsity, run.seed, config)
+        planned[key] = run
+        serving.setdefault(run_key("", run.sparsity, run.seed, config), []).append(key)
     slots = {(run.method, run.sparsity, run.seed) for run in runs}
-    kept, done = [], set()
+    result = Resumption([], [], [], [])
+    done: set[str] = set()
     for record in earlier:
         if "error" in record:
             continue
-        key = record_key(record)
-        run = planned.get(key) if key is not None else None
-        if run is not None:
-            if key not in done and all(
+        slot = (record["method"], record["sparsity"], record["seed"])
+        if "config" not in record:
+            if slot not in slots:
+                result.kept.append(record)
+            continue
+        content = run_key("", record["sparsity"], record["seed"], record["config"])
+        served = False
+        for key in serving.get(content, []):
+            run = planned[key]
+            if key in done or not all(
                 str(s) in record.get("no_recovery", {}) for s in run.no_recovery
             ):
-                kept.append(record)
-                done.add(key)
-        elif (record["method"], record["sparsity"], record["seed"]) not in slots:
-            kept.append(record)
-    return [run for key, run in planned.items() if key not in done], kept
+                continue
+            if run.method == record["method"]:
+                result.kept.append(record)
+            else:
+                result.kept.append(_relabelled(record, run, compiler))
+                result.relabelled.append((record["method"], run.method))
+            done.add(key)
+            served = True
+        if served or slot in slots:
+            continue
+        if _stale(task, record, compiler):
+            result.stale.append(record["method"])
+            continue
+        result.kept.append(record)
+    result.todo = [run for key, run in planned.items() if key not in done]
+    return result
+
+
+def _relabelled(record: Mapping[str, Any], run: Run, compiler: str) -> dict[str, Any]:
+    """``record`` as the run of ``run``'s label: same results, that label's options."""
+    options = json.loads(json.dumps(compile_options(run, compiler)))
+    earlier = {"method": record["method"], "options": record.get("options")}
+    return {**record, "method": run.method, "options": options, "relabelled_from": earlier}
+
+
+def _stale(task: Task, record: Mapping[str, Any], compiler: str) -> bool:
+    """Whether ``record`` is of a built-in label that today resolves to options that would change
+    the run (at the record's sparsity and seed)."""
+    if record["method"] not in METHODS:
+        return False
+    run = Run(task, record["method"], record["sparsity"], record["seed"])
+    today = resolved_config(compile_options(run, compiler))
+    return resu.ResuConfig.effective(record["config"]) != resu.ResuConfig.effective(today)
 
 
 def estimate_seconds(
@@ -1006,7 +1067,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     elif args.resume and out.exists():
         previous = _load_earlier(out, task, "--resume")
-        runs, kept = remaining(runs, previous["runs"], compiler)
+        resumed = remaining(task, runs, previous["runs"], compiler)
+        runs, kept = resumed.todo, resumed.kept
+        for before, after in sorted(set(resumed.relabelled)):
+            count = resumed.relabelled.count((before, after))
+            print(f"{count} runs of {before} serve {after}: the same resolved options", flush=True)
+        for label in sorted(set(resumed.stale)):
+            count = resumed.stale.count(label)
+            print(f"{count} runs of {label} dropped: {label} now resolves to other options")
     if previous is not None:
         commands = [*previous.get("commands", [previous["command"]]), command]
     estimate, source = estimate_seconds(

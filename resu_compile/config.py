@@ -112,6 +112,11 @@ FILTER = Check(
 )
 
 
+#: ``option(legacy=...)`` unset: the option is as old as the first release, or its behaviour before
+#: it existed is no value of it.
+NO_LEGACY = object()
+
+
 def option(
     default: Any,
     section: str,
@@ -119,15 +124,16 @@ def option(
     *,
     checkpoint: bool = False,
     scope: str | None = None,
+    legacy: Any = NO_LEGACY,
 ) -> Any:
     """Declare an option: ``scope`` names the method or mode it applies to (None: all);
     ``checkpoint``: a checkpoint saved under another value is refused (it changes what the saved
-    masks and theta mean)."""
+    masks and theta mean); ``legacy``: for an option added after the first release, the value
+    that does what the library did before it existed (how a recorded configuration that lacks
+    it ran, see :meth:`ResuConfig.effective`)."""
     assert section in SECTIONS, section
-    return field(
-        default=default,
-        metadata={"section": section, "check": check, "checkpoint": checkpoint, "scope": scope},
-    )
+    metadata = {"section": section, "check": check, "checkpoint": checkpoint, "scope": scope}
+    return field(default=default, metadata={**metadata, "legacy": legacy})
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,9 @@ class ResuConfig:
     criterion: str = option("magnitude", "pruning", one_of(CRITERIA), checkpoint=True)
     distribution: str | None = option(None, "pruning", one_of(DISTRIBUTIONS), checkpoint=True)
     pattern: str | None = option(None, "pruning", None, checkpoint=True)
-    transposable: bool = option(False, "pruning", BOOL, checkpoint=True, scope="pattern")
+    transposable: bool = option(
+        False, "pruning", BOOL, checkpoint=True, scope="pattern", legacy=False
+    )
     # -- the RESU phase
     selection: str = option("random", "resu", one_of(SELECTIONS), checkpoint=True, scope="resu")
     alpha: float = option(0.2, "resu", number(0, 1, open_low=True), checkpoint=True, scope="resu")
@@ -184,7 +192,12 @@ class ResuConfig:
     )
     theta_lr: float = option(1e-3, "resu", number(0, math.inf, open_low=True), scope="resu")
     theta_lr_schedule: str = option(
-        "constant", "resu", one_of(THETA_LR_SCHEDULES), checkpoint=True, scope="resu"
+        "optimizer",
+        "resu",
+        one_of(THETA_LR_SCHEDULES),
+        checkpoint=True,
+        scope="resu",
+        legacy="constant",
     )
     theta_betas: tuple[float, float] = option((0.9, 0.999), "resu", BETAS, scope="resu")
     theta_weight_decay: float = option(0.0, "resu", number(0), scope="resu")
@@ -206,7 +219,7 @@ class ResuConfig:
     nan_policy: str = option("skip", "runtime", one_of(NAN_POLICIES))
     compiler: str = option("inductor", "runtime", one_of(COMPILERS))
     gradient_mask: str = option("optimizer", "runtime", one_of(GRADIENT_MASKS))
-    semi_sparse: bool = option(False, "runtime", BOOL, scope="pattern='2:4'")
+    semi_sparse: bool = option(False, "runtime", BOOL, scope="pattern='2:4'", legacy=False)
 
     def __post_init__(self) -> None:
         for name in ("schedule", "pause_after", "phase_fractions", "theta_betas"):
@@ -272,6 +285,33 @@ class ResuConfig:
                 value = list(value)
             out[name] = value
         return out
+
+    @classmethod
+    def effective(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` (a :meth:`to_dict`, possibly of an earlier version: an option it lacks takes
+        its ``legacy`` value) without those whose scope excludes them: what can change a run. A theta option does not change a GMP run,
+        nor a consistency threshold a random-selection one, so runs that differ only in such
+        options are the same run (a moved RESU default leaves the baselines' results valid)."""
+        fields = dataclasses.fields(cls)
+        scopes = {f.name: f.metadata["scope"] for f in fields}
+        legacy = {f.name: f.metadata["legacy"] for f in fields}
+        options = {
+            **{name: value for name, value in legacy.items() if value is not NO_LEGACY},
+            **options,
+        }
+
+        def applies(name: str) -> bool:
+            scope = scopes.get(name)
+            if scope is None:
+                return True
+            key, equals, value = scope.partition("=")
+            if equals:  # another option at one value, e.g. selection=topk
+                return applies(key) and str(options.get(key)) == value.strip("'")
+            if key in scopes:  # another option set at all, e.g. pattern
+                return options.get(key) is not None
+            return options.get("method") == key  # a method, e.g. resu
+
+        return {name: value for name, value in options.items() if applies(name)}
 
     # -- derived quantities -------------------------------------------------------------------
 

@@ -263,13 +263,46 @@ def test_resume_keeps_finished_runs_and_plans_the_rest():
         record(find("dense", None, 1), no_recovery={"0.7": 1.0}),  # lacks 0.9: trained again
         {"method": "resu-frozen", "sparsity": 0.9, "seed": 0, "metric": 2.0},  # not planned
     ]
-    todo, kept = accuracy.remaining(runs, earlier, "aot_eager")
-    assert kept == [earlier[0], earlier[1], earlier[5]]
-    assert todo == [r for r in runs if r not in (dense0, resu0)]
-    assert accuracy.remaining(runs, [], "aot_eager") == (runs, [])
+    resumed = accuracy.remaining(SYNTHETIC, runs, earlier, "aot_eager")
+    assert resumed.kept == [earlier[0], earlier[1], earlier[5]]
+    assert resumed.todo == [r for r in runs if r not in (dense0, resu0)]
+    assert not resumed.relabelled and not resumed.stale
+    assert accuracy.remaining(SYNTHETIC, runs, [], "aot_eager").todo == runs
     # The same label and options under another library default is another run.
     moved = {**earlier[1], "config": {**earlier[1]["config"], "distribution": "uniform"}}
-    assert resu0 in accuracy.remaining(runs, [moved], "aot_eager")[0]
+    assert resu0 in accuracy.remaining(SYNTHETIC, runs, [moved], "aot_eager").todo
+
+
+def test_resume_matches_runs_by_what_they_compute_not_by_label():
+    """After a default moves, the variant that spelled out the new default serves the default's
+    label, and a built-in label's records from before the move are dropped, not mislabelled."""
+    name, spelled = accuracy.parse_variant("resu-r30:r_start=0.3")
+    variant = accuracy.plan(SYNTHETIC, [], [0.9], [0], {name: spelled})[0]
+    options = json.loads(json.dumps(accuracy.compile_options(variant, "aot_eager")))
+    record = {
+        "method": "resu-r30",
+        "sparsity": 0.9,
+        "seed": 0,
+        "options": options,
+        "config": accuracy.resolved_config(options),
+        "metric": 1.0,
+    }
+    # As if the library's default r_start had moved to 0.3: "resu" now resolves to the variant.
+    (default,) = accuracy.plan(SYNTHETIC, ["resu"], [0.9], [0])
+    moved = dataclasses.replace(default, options=tuple(spelled.items()))
+    resumed = accuracy.remaining(SYNTHETIC, [moved], [record], "aot_eager")
+    assert resumed.todo == [] and resumed.relabelled == [("resu-r30", "resu")]
+    (kept,) = resumed.kept
+    assert kept["method"] == "resu" and kept["metric"] == 1.0
+    assert kept["options"] == json.loads(json.dumps(accuracy.compile_options(moved, "aot_eager")))
+    assert kept["relabelled_from"] == {"method": "resu-r30", "options": options}
+    # Today's "resu" is another run: the record does not serve it, and stays under its own label.
+    resumed = accuracy.remaining(SYNTHETIC, [default], [record], "aot_eager")
+    assert resumed.todo == [default] and resumed.kept == [record]
+    # A built-in label, not planned now, whose record resolves otherwise than the label today.
+    stale = {**record, "method": "resu-no-amnesty"}
+    resumed = accuracy.remaining(SYNTHETIC, [], [stale], "aot_eager")
+    assert resumed.kept == [] and resumed.stale == ["resu-no-amnesty"]
 
 
 def test_main_resumes_from_its_partial_result(tmp_path, monkeypatch):

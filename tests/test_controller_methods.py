@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import resu_compile as resu
+from resu_compile.kernels.segmented_topk import truncated_keys
 from resu_compile.method.amnesty import amnesty_mask, amnesty_scores
 from resu_compile.method.pruning import layer_keep_counts
 from resu_compile.method.schedule import amnesty_budget
@@ -199,8 +200,11 @@ def test_consistency_updates_only_the_selected_subset_by_c_times_g() -> None:
         g = grads[weight.name]
         # First step from zero statistics: m = 0.1 g, v = 0.1 |g|, so C = |g| / (|g| + 1e-7).
         c = torch.where(pruned, (0.1 * g).abs() / ((0.1 * g.abs()) + 1e-8), 0.0)
-        screened = topk_mask(g.abs(), int(0.5 * p), eligible=pruned)
-        chosen = topk_mask(g.abs(), int(0.2 * p), eligible=screened & (c > 0.5))
+        # Both top-k's rank |g| truncated to bfloat16, ties by index (METHOD.md's threshold rule).
+        score = truncated_keys(g.abs(), 16)
+        screened = topk_mask(score, int(0.5 * p), eligible=pruned)
+        chosen = topk_mask(score, int(0.2 * p), eligible=screened & (c > 0.5))
+        assert int(chosen.sum()) == min(int(0.2 * p), int((screened & (c > 0.5)).sum()))
         expected = torch.where(chosen, before[weight.name] - 0.5 * c * g, before[weight.name])
         torch.testing.assert_close(weight.param.detach(), expected)
         assert torch.equal(weight.param.detach()[~pruned], before[weight.name][~pruned])
@@ -243,8 +247,8 @@ def _theta_after_resu_steps(scale: float | None, **options: Any) -> dict[str, to
 
 def test_theta_lr_schedule_optimizer_scales_theta_like_the_actives() -> None:
     followed = _theta_after_resu_steps(0.25, theta_lr_schedule="optimizer", theta_lr=1e-2)
-    by_hand = _theta_after_resu_steps(0.25, theta_lr=0.25e-2)
-    unscaled = _theta_after_resu_steps(0.25, theta_lr=1e-2)
+    by_hand = _theta_after_resu_steps(0.25, theta_lr_schedule="constant", theta_lr=0.25e-2)
+    unscaled = _theta_after_resu_steps(0.25, theta_lr_schedule="constant", theta_lr=1e-2)
     for name, theta in followed.items():
         torch.testing.assert_close(theta, by_hand[name])
         assert not torch.allclose(theta, unscaled[name])
@@ -252,25 +256,35 @@ def test_theta_lr_schedule_optimizer_scales_theta_like_the_actives() -> None:
 
 def test_theta_lr_schedule_optimizer_without_a_scheduler_keeps_theta_lr() -> None:
     followed = _theta_after_resu_steps(None, theta_lr_schedule="optimizer", theta_lr=1e-2)
-    constant = _theta_after_resu_steps(None, theta_lr=1e-2)
+    constant = _theta_after_resu_steps(None, theta_lr_schedule="constant", theta_lr=1e-2)
     for name, theta in followed.items():
         torch.testing.assert_close(theta, constant[name])
 
 
-def test_theta_lr_schedule_optimizer_refuses_groups_on_different_schedules() -> None:
+def test_theta_follows_the_schedule_of_its_own_param_group() -> None:
     torch.manual_seed(0)
     model = ENTRY.build()
     compiled = resu.compile(
-        model, compiler="aot_eager", theta_lr_schedule="optimizer", cycles=1, steps_per_cycle=10
+        model, compiler="aot_eager", manual=True, sparsity=0.6, theta_optimizer="sgd", theta_lr=1e-2
     )
     weights = [p for p in model.parameters() if p.dim() == 2]
-    others = [p for p in model.parameters() if p.dim() != 2]
-    first, rest = weights[:1], weights[1:] + others
+    first, rest = weights[:1], weights[1:] + [p for p in model.parameters() if p.dim() != 2]
     optimizer = torch.optim.AdamW([{"params": first}, {"params": rest}], lr=1e-2)
     torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda _: 1.0, lambda _: 0.5])
     _backward(compiled, optimizer, 0)
-    with pytest.raises(ValueError, match="different fractions of their initial lr"):
-        compiled.resu.step(optimizer)
+    compiled.resu.prune()
+    compiled.resu.enter_resu()
+    _backward(compiled, optimizer, 1)
+    state = list(compiled.resu.state)
+    assert len(state) >= 2
+    before = {w.name: (w.param.detach().clone(), w.param.grad.clone()) for w in state}
+    compiled.resu.step(optimizer)
+    for weight in state:
+        fraction = 1.0 if weight.param is first[0] else 0.5
+        selected = weight.selection()
+        theta, grad = before[weight.name]
+        expected = theta[selected] - 1e-2 * fraction * grad[selected]
+        torch.testing.assert_close(weight.param.detach()[selected], expected)
 
 
 @pytest.mark.parametrize("carry", [False, True])

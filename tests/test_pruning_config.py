@@ -150,3 +150,29 @@ def test_the_global_counts_equal_the_floor_rule_whether_or_not_a_floor_binds(see
     sparsity = float(torch.rand((), generator=generator)) * 0.98
     counts = layer_keep_counts(numels, sparsity, "global", scores=scores, eligible=eligible)
     assert counts == _floor_rule_reference(numels, sparsity, scores, eligible)
+
+
+def test_effective_options_drop_what_cannot_change_the_run() -> None:
+    """An option scoped to a method or mode is dropped where it has no effect, and only there."""
+
+    def effective(**options):
+        return resu.ResuConfig.effective(resu.ResuConfig(**options).to_dict())
+
+    gmp, rigl = effective(method="gmp"), effective(method="rigl")
+    assert "theta_lr" not in gmp and "amnesty" not in gmp and "rigl_interval" not in gmp
+    assert "rigl_interval" in rigl and "theta_lr" not in rigl
+    assert gmp["sparsity"] == rigl["sparsity"] and "schedule" in gmp
+    assert effective(method="gmp", theta_lr=5e-2) == gmp
+    random = effective(method="resu", selection="random")
+    assert "theta_lr_schedule" in random and "consistency_tau" not in random
+    assert "consistency_tau" in effective(method="resu", selection="consistency")
+    assert "transposable" not in random
+    assert effective(pattern="2:4", sparsity=0.5)["semi_sparse"] is False
+    # A record of an earlier version lacking an option keeps what it has, and nothing is added.
+    earlier = {k: v for k, v in resu.ResuConfig(method="resu").to_dict().items() if k != "alpha"}
+    assert resu.ResuConfig.effective(earlier) == {
+        k: v for k, v in effective(method="resu").items() if k != "alpha"
+    }
+    lacking = {k: v for k, v in resu.ResuConfig(method="resu").to_dict().items()}
+    del lacking["theta_lr_schedule"]  # recorded before the option existed: theta's rate was fixed
+    assert resu.ResuConfig.effective(lacking)["theta_lr_schedule"] == "constant"

@@ -7,10 +7,11 @@ pay more in launches and in ``torch.topk``'s own passes than in reading the scor
 weights are *segments* of one problem, and the answer comes back as packed bits (the mask format of
 :mod:`resu_compile.kernels.bits`), so nothing is unpacked or re-packed:
 
-1. Four histogram passes find every segment's exact k-th largest key, 8 bits at a time (keys are
-   the order-preserving ``uint32`` images of the fp32 scores). One launch per pass serves every
-   segment; between passes a few tensor ops on the ``[segments, 256]`` histogram pick each
-   segment's bin on the device, so nothing waits for the host.
+1. Histogram passes find every segment's k-th largest key, 8 bits at a time (keys are the
+   order-preserving ``uint32`` images of the fp32 scores): four for the exact key, fewer for a key
+   of ``key_bits`` (below). One launch per pass serves every segment, and after each a launch of
+   one program per segment picks the segment's bin from the ``[segments, 256]`` histogram, so
+   nothing waits for the host and the host issues two launches a pass.
 2. One pass counts, per chunk, the ties at the k-th key; an exclusive scan gives each chunk the
    number of ties before it within its segment.
 3. One pass writes the packed bits: a score above the k-th key is chosen, a tie is chosen while its
@@ -22,6 +23,12 @@ own score. Eligibility is a packed bit tensor per segment, eligible where the bi
 it is clear; ineligible coordinates are never chosen, and a ``k`` above the eligible count takes
 every eligible one.
 Scores must not be NaN (callers pass finite scores, as ``topk_mask`` requires).
+
+``key_bits=16`` ranks by the top 16 bits of each key, which for magnitudes is the score truncated
+to bfloat16: two passes instead of four, still exactly ``k`` chosen, the ties of the truncated
+score taken in index order. That is the exact top-k of the truncated scores, for selections whose
+rule allows a threshold found to within a relative 2**-7 (the consistency mode's per-step top-k,
+METHOD.md section 4); transitions keep the exact key.
 """
 
 from __future__ import annotations
@@ -34,12 +41,16 @@ from resu_compile.kernels.bits import pack_bits, packed_numel, unpack_bits
 from resu_compile.kernels.launch import FLOAT_DTYPES, on_gpu
 from resu_compile.method.topk import topk_mask
 
+#: The key widths :func:`topk_bits` ranks by: whole 8-bit digits of the 32-bit key.
+KEY_BITS = (8, 16, 24, 32)
+
 
 def topk_bits(
     scores: Sequence[torch.Tensor],
     ks: Sequence[int],
     eligible: Sequence[tuple[torch.Tensor, bool] | None] | None = None,
     magnitude: bool = False,
+    key_bits: int = 32,
 ) -> list[torch.Tensor]:
     """Packed bits of the ``ks[i]`` largest eligible entries of each ``scores[i]``.
 
@@ -47,8 +58,11 @@ def topk_bits(
     ``scores[i]``'s size, eligible where a bit is set (``where_set``) or where it is clear. With
     ``magnitude`` the scores are ``|scores[i]|``. Ties go to the lower flat index and a ``k`` above
     the eligible count takes them all: bit for bit ``pack_bits(topk_mask(...))``, which is what
-    runs off the GPU (and what the kernels are tested against).
+    runs off the GPU (and what the kernels are tested against). ``key_bits`` (8, 16, 24 or 32):
+    rank by the top bits of each score's key only (see the module's docstring).
     """
+    if key_bits not in KEY_BITS:
+        raise ValueError(f"topk_bits: key_bits must be one of {KEY_BITS}, got {key_bits!r}")
     eligible = [None] * len(scores) if eligible is None else list(eligible)
     if not len(scores) == len(ks) == len(eligible):
         raise ValueError("topk_bits: scores, ks and eligible need one entry per tensor")
@@ -61,7 +75,7 @@ def topk_bits(
     by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, s in enumerate(scores):
         if s.numel() == 0 or not on_gpu([s]):
-            out[i] = topk_bits_reference(s, ks[i], eligible[i], magnitude)
+            out[i] = topk_bits_reference(s, ks[i], eligible[i], magnitude, key_bits)
         else:
             by_kind.setdefault((s.device, s.dtype), []).append(i)
     if by_kind:
@@ -73,6 +87,7 @@ def topk_bits(
                 [ks[i] for i in indices],
                 [eligible[i] for i in indices],
                 magnitude,
+                key_bits,
             )
             for i, bits in zip(indices, found, strict=True):
                 out[i] = bits
@@ -84,11 +99,23 @@ def topk_bits_reference(
     k: int,
     eligible: tuple[torch.Tensor, bool] | None = None,
     magnitude: bool = False,
+    key_bits: int = 32,
 ) -> torch.Tensor:
     """:func:`topk_bits` for one tensor: ``topk_mask``, packed (the CPU path and the oracle)."""
     values = scores.abs() if magnitude else scores
+    if key_bits < 32:
+        values = truncated_keys(values, key_bits)
     allowed = None
     if eligible is not None:
         bits = unpack_bits(eligible[0], scores.shape)
         allowed = bits if eligible[1] else ~bits
     return pack_bits(topk_mask(values, k, eligible=allowed))
+
+
+def truncated_keys(values: torch.Tensor, key_bits: int) -> torch.Tensor:
+    """The top ``key_bits`` (< 32) of each value's order-preserving key, as exact fp32 integers:
+    they order as the values do, and values that share them tie (``-0.0`` keys as ``+0.0``)."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = torch.where(bits == 0x80000000, 0, bits)
+    keys = torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return (keys >> (32 - key_bits)).float()

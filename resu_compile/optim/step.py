@@ -171,11 +171,6 @@ class ManagedStep:
         self._validated = key
         self.optimizer = optimizer
 
-    def group_of(self, weight: ManagedWeight) -> dict[str, Any] | None:
-        """The param group of the validated optimizer that holds ``weight`` (None for a frozen
-        weight it does not hold)."""
-        return self._groups.get(id(weight.param))
-
     # -- the two halves -----------------------------------------------------------------------
 
     def begin(self, optimizer: torch.optim.Optimizer, plan: StepPlan) -> None:
@@ -289,19 +284,35 @@ class ManagedStep:
             return
         if theta.step == 1:
             clear_pruned_slots(optimizer, [w for w, _ in taken])
+        rated = self._theta_by_rate(theta, taken)
         if plan.train_actives:  # actives step as in a sparse phase; theta's slots are kept
             same_pass = None
-            if not remasked and len(ours) == len(taken):
-                same_pass = theta.same_pass([w for w, _ in ours])
+            if not remasked and len(ours) == len(taken) and len(rated) == 1:
+                same_pass = rated[0][0].same_pass([w for w, _ in ours])
             if self._masked_update(optimizer, ours, current.found_inf, True, same_pass):
                 return  # theta stepped in the same pass
             self._remask(optimizer, remasked)
             for weight in remasked:
                 values = current.theta_copies[id(weight)]
                 weight.param.copy_(torch.where(weight.mask(), weight.param, values))
-        theta_step(
-            optimizer, [w for w, _ in taken], [g for _, g in taken], theta, current.found_inf
-        )
+        for settings, members in rated:
+            weights, grads = [w for w, _ in members], [g for _, g in members]
+            theta_step(optimizer, weights, grads, settings, current.found_inf)
+
+    def _theta_by_rate(
+        self, theta: ThetaSettings, taken: list[tuple[ManagedWeight, torch.Tensor]]
+    ) -> list[tuple[ThetaSettings, list[tuple[ManagedWeight, torch.Tensor]]]]:
+        """The weights (with their gradients) that share one theta rate, with its settings: one
+        set, unless theta follows the schedules of param groups that are at different points."""
+        per_group: dict[int, ThetaSettings] = {}
+        rated: dict[float, tuple[ThetaSettings, list[tuple[ManagedWeight, torch.Tensor]]]] = {}
+        for weight, grad in taken:
+            group = self._groups[id(weight.param)]
+            settings = per_group.get(id(group))
+            if settings is None:
+                settings = per_group[id(group)] = theta.for_group(group)
+            rated.setdefault(settings.lr, (settings, []))[1].append((weight, grad))
+        return list(rated.values())
 
     def _masked_update(
         self,

@@ -7,8 +7,10 @@ one statistics launch and two segmented top-k selections on the GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +22,9 @@ from resu_compile.optim.slots import consistency_statistics, theta_moments
 from resu_compile.optim.updates import ThetaAdamW, theta_update
 from resu_compile.state import ManagedWeight
 
+#: The consistency mode's per-step top-k's rank ``|g|`` by this many key bits (16: bfloat16).
+SELECTION_KEY_BITS = 16
+
 #: A seeded generator for one draw of one weight (the runtime seeds by name, cycle and purpose).
 Draws = Callable[[ManagedWeight, str], torch.Generator]
 
@@ -30,6 +35,9 @@ class ThetaSettings:
 
     rule: str  # "sgd", "momentum" or "adamw"
     lr: float
+    #: theta_lr_schedule="optimizer": each weight's theta runs at ``lr`` times its param group's
+    #: current lr over the ``initial_lr`` its LR scheduler recorded (:func:`lr_fraction`).
+    follow_lr_schedule: bool
     beta1: float
     beta2: float
     weight_decay: float
@@ -43,6 +51,13 @@ class ThetaSettings:
     #: topk: this step re-chooses S from ``|G|`` (the phase's first step, then every ``refresh``).
     reselect: bool
     draws: Draws
+
+    def for_group(self, group: Mapping[str, Any]) -> ThetaSettings:
+        """The settings of the weights of one param group: its rate scaled by the group's
+        schedule when theta follows it."""
+        if not self.follow_lr_schedule:
+            return self
+        return dataclasses.replace(self, lr=self.lr * lr_fraction(group))
 
     @property
     def fixed_selection(self) -> bool:
@@ -64,6 +79,14 @@ class ThetaSettings:
             beta2=self.beta2,
             weight_decay=self.weight_decay,
         )
+
+
+def lr_fraction(group: Mapping[str, Any]) -> float:
+    """A param group's current lr over the ``initial_lr`` torch's LR schedulers record when they
+    attach (1 for a group no scheduler drives: its rate is taken as constant), so theta warms up
+    and decays with the actives it competes against."""
+    initial = group.get("initial_lr")
+    return float(group["lr"]) / float(initial) if initial else 1.0
 
 
 @torch.no_grad()
@@ -143,7 +166,17 @@ def _consistent_selection(
     """
     stats = [consistency_statistics(optimizer, w) for w in weights]
     ms, vs = [m for m, _ in stats], [v for _, v in stats]
-    consistent = consistency_statistics_(
+    pruned = [w.numel - w.active_count() for w in weights]
+    # Both top-k's may rank by |g| truncated to bfloat16 (METHOD.md allows a threshold found
+    # without sorting): half the histogram passes, still exactly k chosen.
+    screened = topk_bits(
+        list(grads),
+        [int(settings.screen_fraction * p) for p in pruned],
+        [(w.mask_bits, False) for w in weights],  # type: ignore[misc]
+        magnitude=True,
+        key_bits=SELECTION_KEY_BITS,
+    )
+    eligible = consistency_statistics_(
         list(grads),
         ms,
         vs,
@@ -151,18 +184,13 @@ def _consistent_selection(
         beta=settings.consistency_beta,
         tau=settings.consistency_tau,
         found_inf=found_inf,
-    )
-    pruned = [w.numel - w.active_count() for w in weights]
-    screened = topk_bits(
-        list(grads),
-        [int(settings.screen_fraction * p) for p in pruned],
-        [(w.mask_bits, False) for w in weights],  # type: ignore[misc]
-        magnitude=True,
+        within=screened,
     )
     selected = topk_bits(
         list(grads),
         [int(settings.alpha * p) for p in pruned],
-        [(s & c, True) for s, c in zip(screened, consistent, strict=True)],
+        [(bits, True) for bits in eligible],
         magnitude=True,
+        key_bits=SELECTION_KEY_BITS,
     )
     return selected, (ms, vs)

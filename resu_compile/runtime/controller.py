@@ -33,7 +33,7 @@ from resu_compile.runtime.step_guards import (
     weights_finite,
     why_no_managed_weight,
 )
-from resu_compile.runtime.step_plan import plan_step, theta_lr_scale
+from resu_compile.runtime.step_plan import plan_step
 from resu_compile.runtime.transitions import (
     TransitionContext,
     check_pattern,
@@ -183,8 +183,6 @@ class PhaseController:
             except ValueError:
                 self._optimizer_check = mode  # refused: checked again at the next step
                 raise
-        # Refuses before the schedule advances; the groups are those validate() just mapped.
-        lr_scale = theta_lr_scale(self.config, weights, self._managed_step.group_of)
         self.advance()
         self._check_upcoming(weights)
         self._managed_step.begin(
@@ -196,7 +194,6 @@ class PhaseController:
                 resu_steps=self.resu_steps,
                 graph_masked=self._sparse_forward,
                 draws=self._generator,
-                lr_scale=lr_scale,
             ),
         )
 

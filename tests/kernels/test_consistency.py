@@ -60,6 +60,24 @@ def test_statistics_match_the_reference(device: str, skip: float | None) -> None
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_statistics_intersected_with_a_screen(device: str) -> None:
+    """``within``: the same statistics, the chosen bits limited to the screen's."""
+    grads, ms, vs, bits = _inputs(device, torch.float32)
+    within = [pack_bits(mask(g.shape, "random", 7 + i)).to(device) for i, g in enumerate(grads)]
+    ref_ms, ref_vs = [m.clone() for m in ms], [v.clone() for v in vs]
+    plain = [
+        consistency_statistics_reference_(g, m, v, b, beta=BETA, tau=TAU)
+        for g, m, v, b in zip(grads, ref_ms, ref_vs, bits, strict=True)
+    ]
+    run = consistency_statistics_triton_ if device == "cpu" else consistency_statistics_
+    found = run(grads, ms, vs, bits, beta=BETA, tau=TAU, within=within)
+    for a, b, w in zip(found, plain, within, strict=True):
+        assert torch.equal(a, b & w)
+    assert all(torch.equal(a, b) for a, b in zip(ms + vs, ref_ms + ref_vs, strict=True))
+    assert 0 < sum(int(a.sum()) for a in found) < sum(int(b.sum()) for b in plain)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_consistency_weighted_theta_step_matches_the_reference(device: str) -> None:
     for dtype in DTYPES if device == "cpu" else GPU_DTYPES:
         grads, ms, vs, sel = _inputs(device, dtype, seed=1)

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from resu_compile.kernels.segmented_topk import topk_bits, topk_bits_reference
+from resu_compile.kernels.bits import unpack_bits
+from resu_compile.kernels.segmented_topk import topk_bits, topk_bits_reference, truncated_keys
 from resu_compile.kernels.triton.segmented_topk import topk_bits_triton
 from tests.kernels.segment_cases import (
     DEVICES,
@@ -36,13 +37,13 @@ def _scores(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     raise AssertionError(kind)
 
 
-def _check(device: str, scores, ks, eligible, magnitude: bool) -> None:
+def _check(device: str, scores, ks, eligible, magnitude: bool, key_bits: int = 32) -> None:
     """The Triton path (interpreted on the CPU, compiled on the GPU) against the reference."""
     run = topk_bits_triton if device == "cpu" else topk_bits
-    found = run(scores, ks, eligible, magnitude=magnitude)
+    found = run(scores, ks, eligible, magnitude=magnitude, key_bits=key_bits)
     for i, (s, k, e) in enumerate(zip(scores, ks, eligible, strict=True)):
         host_e = None if e is None else (e[0].cpu(), e[1])
-        expected = topk_bits_reference(s.cpu(), k, host_e, magnitude)
+        expected = topk_bits_reference(s.cpu(), k, host_e, magnitude, key_bits)
         assert torch.equal(found[i].cpu(), expected), (i, tuple(s.shape), k, e and e[1])
 
 
@@ -82,6 +83,25 @@ def test_ties_across_chunks_and_all_eligible(device: str) -> None:
     _check(device, scores, [17_003, 5_000], eligible, magnitude=False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("key_bits", "magnitude"), [(16, True), (8, False)])
+def test_truncated_keys_match_the_top_k_of_truncated_scores(
+    device: str, key_bits: int, magnitude: bool
+) -> None:
+    """Fewer histogram passes: exactly k chosen, ranked by the top bits of the key only."""
+    _check(device, *_cases(device, torch.float32, "normal"), magnitude, key_bits)
+
+
+def test_truncated_keys_tie_what_bfloat16_truncation_ties() -> None:
+    values = torch.tensor([1.0, 1.0 + 2**-10, 1.0 + 2**-6, -0.0, 0.0, -1.0, -1.0 - 2**-10])
+    keys = truncated_keys(values, 16)
+    assert keys[0] == keys[1] < keys[2]  # 2**-10 is below bf16's last mantissa bit
+    assert keys[3] == keys[4] > keys[5] == keys[6]
+    chosen = unpack_bits(topk_bits_reference(values, 2, key_bits=16), values.shape)
+    assert chosen.tolist() == [True, False, True, False, False, False, False]  # ties by index
+    assert int(chosen.sum()) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
@@ -95,6 +115,7 @@ def test_gpt2_sized_layers_gpu(dtype: torch.dtype) -> None:
         (mask_bits(tuple(s.shape), "random", i, "cuda"), True) for i, s in enumerate(scores)
     ]
     _check("cuda", scores, [s.numel() // 5 for s in scores], eligible, magnitude=True)
+    _check("cuda", scores, [s.numel() // 5 for s in scores], eligible, True, key_bits=16)
 
 
 def test_dispatch_uses_the_reference_off_the_gpu() -> None:
@@ -109,5 +130,7 @@ def test_bad_arguments() -> None:
         topk_bits([torch.randn(4)], [1, 2])
     with pytest.raises(ValueError, match="scores\\[0\\]"):
         topk_bits([torch.arange(4)], [1])
+    with pytest.raises(ValueError, match="key_bits must be one of"):
+        topk_bits([torch.randn(4)], [1], key_bits=12)
     with pytest.raises(ValueError, match="eligible\\[0\\]"):
         topk_bits([torch.randn(16)], [1], [(torch.zeros(1, dtype=torch.uint8), True)])

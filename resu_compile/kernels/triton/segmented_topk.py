@@ -29,9 +29,13 @@ from resu_compile.kernels.triton.common import (
 # Digit widths of the passes over a 32-bit key, most significant first. ``tl.histogram``'s cost
 # grows with its bin count: on an H100, 2048 bins ran at ~30G keys/s, well under the bandwidth of
 # the reads; 256 bins per pass keep each pass near it, for one pass more.
-DIGITS = (8, 8, 8, 8)
+DIGIT_BITS = 8
 ALL_ELIGIBLE, ELIGIBLE_WHERE_SET, ELIGIBLE_WHERE_CLEAR = 0, 1, 2
-_NO_KEY = 1 << 32  # above every key: the k-th key of a segment that keeps nothing
+_NO_KEY = tl.constexpr(1 << 32)  # above every key: the k-th key of a segment that keeps nothing
+# Rows of the per-segment state the passes advance on the device (one int64 [rows, segments]):
+# eligibility mode, k, count of keys above the current prefix, the prefix (then the k-th key).
+_STATE_ROWS = 4
+_K, _ABOVE, _PREFIX = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 # Address rows: scores, eligibility bits, outputs.
 _SCORES, _ELIGIBLE, _OUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -103,6 +107,43 @@ def _histogram_kernel(
 
 
 @triton.jit(do_not_specialize=["n_segments"])
+def _pick_bin_kernel(
+    state_ptr,
+    hist_ptr,
+    n_segments,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
+):
+    """One program per segment, after a histogram pass: the bin holding the segment's k-th key
+    extends its prefix by one digit, and the count of keys above that bin is carried on.
+
+    The first pass also caps ``k`` at the eligible count (a ``k`` above it takes them all); the
+    last turns the prefix into the k-th key (``_NO_KEY`` for ``k = 0``), so nothing between
+    the passes runs on the host."""
+    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
+    seg = tl.program_id(0)
+    counts = tl.load(hist_ptr + seg * NUM_BINS + tl.arange(0, NUM_BINS)).to(tl.int64)
+    k = tl.load(state_ptr + _K * n_segments + seg)
+    above = tl.load(state_ptr + _ABOVE * n_segments + seg)
+    prefix = tl.load(state_ptr + _PREFIX * n_segments + seg)
+    total = tl.sum(counts, 0)
+    if FIRST:
+        k = tl.minimum(k, total)
+        tl.store(state_ptr + _K * n_segments + seg, k)
+    # Keys at or above each bin; the k-th lies in the highest bin where that count reaches k.
+    at_least = above + total - tl.cumsum(counts, 0) + counts
+    bins = tl.arange(0, NUM_BINS)
+    chosen = tl.max(tl.where(at_least >= k, bins, 0), 0)
+    above += tl.sum(tl.where(bins > chosen, counts, 0), 0)
+    prefix = (prefix << DIGIT_BITS) | chosen
+    if LAST:
+        prefix = tl.where(k > 0, prefix, _NO_KEY)
+    tl.store(state_ptr + _ABOVE * n_segments + seg, above)
+    tl.store(state_ptr + _PREFIX * n_segments + seg, prefix)
+
+
+@triton.jit(do_not_specialize=["n_segments"])
 def _tie_count_kernel(
     addrs_ptr,
     n_segments,
@@ -111,12 +152,14 @@ def _tie_count_kernel(
     modes_ptr,
     kth_ptr,
     ties_ptr,
+    LOW_BITS: tl.constexpr,
     DTYPE: tl.constexpr,
     MAGNITUDE: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
 ):
-    """How many eligible keys of the chunk equal its segment's k-th key."""
+    """How many eligible keys of the chunk equal its segment's k-th key (both without their
+    ``LOW_BITS`` lowest bits)."""
     pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
     mode = tl.load(modes_ptr + seg)
     kth = tl.load(kth_ptr + seg)
@@ -125,7 +168,7 @@ def _tie_count_kernel(
         key, ok, _bytes, _rows = _tile_keys(
             addrs_ptr, n_segments, seg, chunk_start + i * BLOCK, n, mode, DTYPE, MAGNITUDE, BLOCK
         )
-        ties += tl.sum(tl.sum((ok & (key == kth)).to(tl.int32), 1), 0)
+        ties += tl.sum(tl.sum((ok & ((key >> LOW_BITS) == kth)).to(tl.int32), 1), 0)
     tl.store(ties_ptr + pid, ties)
 
 
@@ -139,13 +182,14 @@ def _write_bits_kernel(
     kth_ptr,
     needed_ptr,
     ties_before_ptr,
+    LOW_BITS: tl.constexpr,
     DTYPE: tl.constexpr,
     MAGNITUDE: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
 ):
     """The chunk's bytes of its segment's packed output: above the k-th key, or a tie whose rank
-    among the segment's ties is below ``needed``."""
+    among the segment's ties is below ``needed`` (keys compared without their ``LOW_BITS``)."""
     pid, seg, chunk_start, n = load_chunk(chunks_ptr, numels_ptr, BLOCK * CHUNK_BLOCKS)
     mode = tl.load(modes_ptr + seg)
     kth = tl.load(kth_ptr + seg)
@@ -156,6 +200,7 @@ def _write_bits_kernel(
         key, ok, byte_offs, row_inb = _tile_keys(
             addrs_ptr, n_segments, seg, chunk_start + i * BLOCK, n, mode, DTYPE, MAGNITUDE, BLOCK
         )
+        key = key >> LOW_BITS
         tie = (ok & (key == kth)).to(tl.int64)
         row_ties = tl.sum(tie, 1)
         # Exclusive rank of each tie in index order: earlier chunks, earlier rows, earlier columns.
@@ -170,6 +215,7 @@ def topk_bits_triton(
     ks: Sequence[int],
     eligible: Sequence[tuple[torch.Tensor, bool] | None],
     magnitude: bool = False,
+    key_bits: int = 32,
 ) -> list[torch.Tensor]:
     """The Triton path of :func:`resu_compile.kernels.segmented_topk.topk_bits` (one device and
     dtype for all ``scores``); see there."""
@@ -183,39 +229,35 @@ def topk_bits_triton(
     ]
     elig_bits = [out if e is None else e[0] for e, out in zip(eligible, outs, strict=True)]
     addrs = address_table([scores, elig_bits, outs], device)
-    modes_dev = torch.tensor(modes, dtype=torch.int32).to(device, non_blocking=True)
-    k = torch.tensor([max(0, int(x)) for x in ks], dtype=torch.int64).to(device, non_blocking=True)
+    # Mode and k per segment, and the running count above and prefix, start at 0: one copy.
+    host = torch.zeros(_STATE_ROWS, n_seg, dtype=torch.int64)
+    host[0] = torch.tensor(modes, dtype=torch.int64)
+    host[1] = torch.tensor([max(0, int(k)) for k in ks], dtype=torch.int64)
+    state = host.to(device, non_blocking=True)
+    modes_dev, kth = state[0], state[3]  # kth: the prefix, the k-th key after the last pass
     tables = chunk_tables(numels, device)
     common = {"DTYPE": TL_DTYPES[scores[0].dtype], "MAGNITUDE": magnitude}
     launch = {"BLOCK": BLOCK, "CHUNK_BLOCKS": CHUNK_BLOCKS, "num_warps": NUM_WARPS}
     head = (addrs, n_seg, tables.chunks, tables.numels, modes_dev)
 
-    prefix = torch.zeros(n_seg, dtype=torch.int64, device=device)
-    above = torch.zeros(n_seg, dtype=torch.int64, device=device)
-    consumed = 0
-    for digit_bits in DIGITS:
-        shift = 32 - consumed - digit_bits
-        hist = torch.zeros(n_seg, 1 << digit_bits, dtype=torch.int32, device=device)
+    passes = key_bits // DIGIT_BITS
+    hists = torch.zeros(passes, n_seg, 1 << DIGIT_BITS, dtype=torch.int32, device=device)
+    for i, hist in enumerate(hists):
         _histogram_kernel[tables.grid](
-            *head, prefix, hist, shift, DIGIT_BITS=digit_bits, HAS_PREFIX=consumed > 0,
-            **common, **launch,
+            *head, kth, hist, 32 - (i + 1) * DIGIT_BITS, DIGIT_BITS=DIGIT_BITS,
+            HAS_PREFIX=i > 0, **common, **launch,
         )  # fmt: skip
-        hist = hist.long()
-        if consumed == 0:
-            k = torch.minimum(k, hist.sum(1))  # k above the eligible count takes them all
-        # Counts at or above each bin, from the top bin down; the k-th key lies in the first bin
-        # where that count reaches k.
-        at_least = above[:, None] + hist.flip(1).cumsum(1)
-        j = (at_least < k[:, None]).sum(1).clamp(max=hist.shape[1] - 1)
-        above = torch.where(j > 0, at_least.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], above)
-        prefix = (prefix << digit_bits) | (hist.shape[1] - 1 - j)
-        consumed += digit_bits
-    kth = torch.where(k > 0, prefix, _NO_KEY)
-    needed = k - above
+        _pick_bin_kernel[(n_seg,)](
+            state, hist, n_seg, FIRST=i == 0, LAST=i == passes - 1, DIGIT_BITS=DIGIT_BITS
+        )
+    needed = state[1] - state[2]  # ties at the k-th key to take: k minus the count above it
 
     ties = torch.empty(tables.grid[0], dtype=torch.int64, device=device)
-    _tie_count_kernel[tables.grid](*head, kth, ties, **common, **launch)
+    low_bits = 32 - key_bits
+    _tie_count_kernel[tables.grid](*head, kth, ties, LOW_BITS=low_bits, **common, **launch)
     before = torch.cumsum(ties, 0) - ties
     ties_before = before - before[tables.first_chunk]
-    _write_bits_kernel[tables.grid](*head, kth, needed, ties_before, **common, **launch)
+    _write_bits_kernel[tables.grid](
+        *head, kth, needed, ties_before, LOW_BITS=low_bits, **common, **launch
+    )
     return outs
