@@ -974,8 +974,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     earlier.add_argument(
         "--resume",
         action="store_true",
-        help="keep the runs already in --out (same label, sparsity, seed and options) and train "
-        "only the others",
+        help="keep the runs already in --out that a planned run would repeat (same sparsity, seed "
+        "and resolved options; under another label they move to the planned one) and train only "
+        "the others; built-in labels' runs under options they no longer resolve to are dropped",
     )
     earlier.add_argument(
         "--merge",

@@ -287,18 +287,24 @@ class ResuConfig:
         return out
 
     @classmethod
+    def with_legacy(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` (a :meth:`to_dict` of this or an earlier version) with every option it
+        lacks that has a ``legacy`` value set to it: what a run recorded before the option
+        existed ran under."""
+        legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(cls)}
+        return {
+            **{name: value for name, value in legacy.items() if value is not NO_LEGACY},
+            **options,
+        }
+
+    @classmethod
     def effective(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` (a :meth:`to_dict`, possibly of an earlier version: an option it lacks takes
         its ``legacy`` value) without those whose scope excludes them: what can change a run. A theta option does not change a GMP run,
         nor a consistency threshold a random-selection one, so runs that differ only in such
         options are the same run (a moved RESU default leaves the baselines' results valid)."""
-        fields = dataclasses.fields(cls)
-        scopes = {f.name: f.metadata["scope"] for f in fields}
-        legacy = {f.name: f.metadata["legacy"] for f in fields}
-        options = {
-            **{name: value for name, value in legacy.items() if value is not NO_LEGACY},
-            **options,
-        }
+        options = cls.with_legacy(options)
+        scopes = {f.name: f.metadata["scope"] for f in dataclasses.fields(cls)}
 
         def applies(name: str) -> bool:
             scope = scopes.get(name)

@@ -97,6 +97,29 @@ def test_loading_a_checkpoint_of_another_method_fails_and_changes_nothing() -> N
     assert all(mask is None for mask in other.resu.masks().values())
 
 
+def test_a_checkpoint_from_before_an_option_existed_loads_as_the_old_behaviour() -> None:
+    """theta_lr_schedule came later: a state without it ran theta at a constant rate, so it
+    loads into a model that asks for that and is refused, with the fix named, by the default."""
+    entry, _, compiled, optimizer = _build("sgd")
+    _train(entry, compiled, optimizer, range(8))
+    state = compiled.resu.state_dict()
+    weights = {k: v.clone() for k, v in compiled.state_dict().items()}
+    del state["config"]["theta_lr_schedule"]
+    for schedule, loads in (("constant", True), ("optimizer", False)):
+        torch._dynamo.reset()
+        model = entry.build()
+        options = {**OPTIONS, "theta_optimizer": "sgd", "theta_lr_schedule": schedule}
+        other = resu.compile(model, **options)
+        other(*entry.make_batch(0))
+        other.load_state_dict(weights)
+        if loads:
+            other.resu.load_state_dict(state)
+            assert other.resu.step_count == compiled.resu.step_count
+        else:
+            with pytest.raises(ValueError, match="theta_lr_schedule='constant' to load it"):
+                other.resu.load_state_dict(state)
+
+
 def test_loading_a_checkpoint_of_another_managed_set_fails_and_changes_nothing() -> None:
     entry, _, compiled, optimizer = _build("sgd")
     _train(entry, compiled, optimizer, range(8))

@@ -103,12 +103,13 @@ def check(
     loaded = Loaded(
         Phase(state["phase"]), {key: kind(state[key]) for key, kind in COUNTERS.items()}
     )
-    saved, current = state["config"], config.to_dict()
+    saved, current = ResuConfig.with_legacy(state["config"]), config.to_dict()
     for option in [*ResuConfig.checkpoint_options(), *RUN_OPTIONS]:
         if saved.get(option) != current[option]:
             message = (
                 f"load_state_dict: option '{option}' differs: checkpoint {saved.get(option)!r}, "
-                f"this model {current[option]!r}"
+                f"this model {current[option]!r} (compile with {option}={saved.get(option)!r} "
+                "to load it)"
             )
             if option not in RUN_OPTIONS:
                 raise ValueError(message)
