@@ -300,9 +300,11 @@ class ResuConfig:
     @classmethod
     def effective(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` (a :meth:`to_dict`, possibly of an earlier version: an option it lacks takes
-        its ``legacy`` value) without those whose scope excludes them: what can change a run. A theta option does not change a GMP run,
-        nor a consistency threshold a random-selection one, so runs that differ only in such
-        options are the same run (a moved RESU default leaves the baselines' results valid)."""
+        its ``legacy`` value) without those whose scope excludes them: what can change a run.
+
+        A theta option does not change a GMP run, nor a consistency threshold a random-selection
+        one, so runs that differ only in such options are the same run (a moved RESU default
+        leaves the baselines' results valid)."""
         options = cls.with_legacy(options)
         scopes = {f.name: f.metadata["scope"] for f in dataclasses.fields(cls)}
 

@@ -6,9 +6,9 @@ Weight by weight in PyTorch that is a dozen launches and several full-size tempo
 Here one pass reads ``g``, ``m``, ``v`` and the mask, stores the new statistics on P (other slots
 keep their bits: they may hold the user's optimizer state) and writes ``P ∩ {C > tau}`` as packed
 bits (:mod:`resu_compile.kernels.triton.consistency`), intersected with ``within`` when given (the
-step's screen), so the selection reads one set of bits per weight. ``C`` itself is not kept: the theta step
-recomputes it from the stored statistics (:func:`resu_compile.kernels.theta_update.theta_update_`,
-``consistency_ms``).
+step's screen), so the selection reads one set of bits per weight. ``C`` itself is not kept: the
+theta step recomputes it from the stored statistics
+(:func:`resu_compile.kernels.theta_update.theta_update_`, ``consistency_ms``).
 A set ``found_inf`` leaves the statistics as they were and selects nothing.
 """
 
