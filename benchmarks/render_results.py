@@ -419,11 +419,30 @@ def semi_sparse_section(result: dict[str, Any]) -> str:
     )
 
 
+def distributed_section(result: dict[str, Any]) -> str:
+    from benchmarks.distributed import table
+
+    return "\n\n".join(
+        [
+            f"### {result['world']} ranks ({result['backend']}): DDP and FSDP2",
+            f"{_provenance(result, result['command'])}; sparsity {result['sparsity']}, "
+            f"{result['batch_per_rank']} sequences of {result['context']} tokens per rank, "
+            f"{result['steps_per_phase']} timed steps per phase. `x dense`: the slowest rank's "
+            "median step over the same engine's dense step; bytes: what a rank hands to "
+            "collectives during the transition; agreement: every rank's masks hash alike / the "
+            "share of mask bits equal to a single-process run on the global batch.",
+            table(result, tablefmt="github"),
+        ]
+    )
+
+
 def performance_sections(results: Path) -> str:
-    """The overhead, transitions and 2:4 tables, as far as their JSON exists ("" if none)."""
+    """The overhead, transitions, 2:4 and multi-GPU tables, as far as their JSON exists ("" if
+    none)."""
     overhead = _load(results / "overhead.json")
     transitions = _load(results / "transitions.json")
     semi_sparse = _load(results / "semi_sparse.json")
+    distributed = _load(results / "distributed.json")
     parts = []
     if overhead:
         parts.append(overhead_section(overhead))
@@ -431,6 +450,8 @@ def performance_sections(results: Path) -> str:
         parts.append(transitions_section(transitions))
     if semi_sparse:
         parts.append(semi_sparse_section(semi_sparse))
+    if distributed:
+        parts.append(distributed_section(distributed))
     return "\n\n".join(parts)
 
 
