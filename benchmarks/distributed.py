@@ -261,7 +261,10 @@ def _entry(rank: int, args: argparse.Namespace, model: str, engine: str, world: 
         torch.cuda.set_device(rank)
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     store = dist.FileStore(os.path.join(tmp, "store"), world)
-    dist.init_process_group(args.backend, store=store, rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if args.backend == "nccl" else None
+    dist.init_process_group(
+        args.backend, store=store, rank=rank, world_size=world, device_id=device
+    )
     try:
         result = run_rank(args, model, engine, rank, world)
         torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
