@@ -36,11 +36,15 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
 
 def timed_ms(fn: Callable[[], object]) -> float:
     """Wall-clock milliseconds of ``fn`` from an idle GPU to its work done (synchronised on both
-    sides): what a caller waits for a step or a transition."""
-    torch.cuda.synchronize()
+    sides, the current CUDA device; on a machine without one, plain wall-clock): what a caller
+    waits for a step or a transition."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
 
 

@@ -38,7 +38,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import resu_compile as resu
 from benchmarks.accuracy_tasks import build_gpt, build_llama
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, timed_ms, write_json
 from resu_compile.kernels.bits import pack_bits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,31 +72,24 @@ PHASES = ("before prune", "sparse", "resu", "after commit")
 TRANSITIONS = ("prune", "enter_resu", "commit")
 SPARSITY = 0.7
 WARMUP_STEPS = 3
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 #: The collectives a transition may call, and how many bytes a call hands over.
 _COLLECTIVES: dict[str, Callable[..., int]] = {
-    "all_reduce": lambda tensor, *a, **k: tensor.numel() * tensor.element_size(),
-    "all_gather": lambda out, tensor, *a, **k: tensor.numel() * tensor.element_size(),
-    "all_gather_into_tensor": lambda out, tensor, *a, **k: tensor.numel() * tensor.element_size(),
-    "broadcast": lambda tensor, *a, **k: tensor.numel() * tensor.element_size(),
+    "all_reduce": lambda tensor, *a, **k: _tensor_bytes(tensor),
+    "all_gather": lambda out, tensor, *a, **k: _tensor_bytes(tensor),
+    "all_gather_into_tensor": lambda out, tensor, *a, **k: _tensor_bytes(tensor),
+    "broadcast": lambda tensor, *a, **k: _tensor_bytes(tensor),
     "all_gather_object": lambda out, obj, *a, **k: len(pickle.dumps(obj)),
     "broadcast_object_list": lambda objs, *a, **k: len(pickle.dumps(objs)),
 }
 
 
 # -- one rank ------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_ms(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 @contextlib.contextmanager
@@ -204,7 +196,7 @@ def run_rank(args: argparse.Namespace, model_name: str, engine: str, rank: int, 
         for step in range(first, first + WARMUP_STEPS):
             train_step(model, optimizer, step)
         times = [
-            _timed_ms(functools.partial(train_step, model, optimizer, step), device)
+            timed_ms(functools.partial(train_step, model, optimizer, step))
             for step in range(first + WARMUP_STEPS, first + WARMUP_STEPS + args.steps)
         ]
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
@@ -244,7 +236,7 @@ def run_rank(args: argparse.Namespace, model_name: str, engine: str, rank: int, 
         if transition is None:
             break
         with counted_collectives() as counts:
-            ms = _timed_ms(transition, device)
+            ms = timed_ms(transition)
         masks = _full_masks(controller, engine == "fsdp2")
         record = {"event": TRANSITIONS[i], "ms": ms, "ms_per_100M": ms / (managed / 1e8)}
         record.update({"collectives": counts, "digest": _digest(masks)})

@@ -39,6 +39,7 @@ import torch
 
 from resu_compile.kernels.bits import pack_bits, packed_numel, unpack_bits
 from resu_compile.kernels.launch import FLOAT_DTYPES, on_gpu
+from resu_compile.method.sharded_topk import order_keys
 from resu_compile.method.topk import topk_mask
 
 #: The key widths :func:`topk_bits` ranks by: whole 8-bit digits of the 32-bit key.
@@ -113,9 +114,7 @@ def topk_bits_reference(
 
 
 def truncated_keys(values: torch.Tensor, key_bits: int) -> torch.Tensor:
-    """The top ``key_bits`` (< 32) of each value's order-preserving key, as exact fp32 integers:
-    they order as the values do, and values that share them tie (``-0.0`` keys as ``+0.0``)."""
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    bits = torch.where(bits == 0x80000000, 0, bits)
-    keys = torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-    return (keys >> (32 - key_bits)).float()
+    """The top ``key_bits`` (< 32) of each value's order-preserving key (the kernels' key,
+    :func:`~resu_compile.method.sharded_topk.order_keys`), as exact fp32 integers of ``values``'
+    shape: they order as the values do, and values that share them tie."""
+    return (order_keys(values) >> (32 - key_bits)).float().reshape(values.shape)

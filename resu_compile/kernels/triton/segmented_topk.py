@@ -34,7 +34,6 @@ ALL_ELIGIBLE, ELIGIBLE_WHERE_SET, ELIGIBLE_WHERE_CLEAR = 0, 1, 2
 _NO_KEY = tl.constexpr(1 << 32)  # above every key: the k-th key of a segment that keeps nothing
 # Rows of the per-segment state the passes advance on the device (one int64 [rows, segments]):
 # eligibility mode, k, count of keys above the current prefix, the prefix (then the k-th key).
-_STATE_ROWS = 4
 _K, _ABOVE, _PREFIX = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 # Address rows: scores, eligibility bits, outputs.
 _SCORES, _ELIGIBLE, _OUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -229,11 +228,10 @@ def topk_bits_triton(
     ]
     elig_bits = [out if e is None else e[0] for e, out in zip(eligible, outs, strict=True)]
     addrs = address_table([scores, elig_bits, outs], device)
-    # Mode and k per segment, and the running count above and prefix, start at 0: one copy.
-    host = torch.zeros(_STATE_ROWS, n_seg, dtype=torch.int64)
-    host[0] = torch.tensor(modes, dtype=torch.int64)
-    host[1] = torch.tensor([max(0, int(k)) for k in ks], dtype=torch.int64)
-    state = host.to(device, non_blocking=True)
+    # Mode and k per segment; the running count above and the prefix start at 0: one copy.
+    zeros = [0] * n_seg
+    rows = [modes, [max(0, int(k)) for k in ks], zeros, zeros]
+    state = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     modes_dev, kth = state[0], state[3]  # kth: the prefix, the k-th key after the last pass
     tables = chunk_tables(numels, device)
     common = {"DTYPE": TL_DTYPES[scores[0].dtype], "MAGNITUDE": magnitude}
