@@ -17,6 +17,10 @@ do_bench's median of the same callable.
 The top-k case times the exact segmented ``topk_bits`` (packed bits out) against ``torch.topk`` and
 ``torch.kthvalue`` on one tensor.
 
+The column-norm case times the calibrate variant's sums of squares down a ``(tokens, features)``
+bf16 activation (GPT-2-small's and the Llama-style decoder's widths) as the op does it and as
+Inductor compiles the aten ops; ``GB/s`` is the bytes read over the time.
+
 Usage (on the GPU machine): ``python -m benchmarks.kernels [--out benchmarks/results/kernels.json]
 [--only updates ...]``. With ``--only`` just the named sections run and, if ``--out`` exists, they
 replace those sections in it and keep the others; ``provenance`` records where and when each
@@ -40,6 +44,7 @@ from triton.testing import do_bench
 
 from resu_compile.kernels import launch
 from resu_compile.kernels.bits import count_bits, pack_bits
+from resu_compile.kernels.column_norms import column_sq_sums, column_sq_sums_reference
 from resu_compile.kernels.masked_adam import ThetaAdamW, masked_adam_
 from resu_compile.kernels.segmented_topk import topk_bits
 from resu_compile.kernels.theta_update import theta_update_
@@ -66,8 +71,14 @@ TOPK_FRACTIONS = [0.2, 0.5]  # alpha of selective RESU and k_screen of the consi
 # GPT-2-small's managed weights: per block attn c_attn, attn c_proj, mlp c_fc, mlp c_proj.
 GPT2_SMALL_SHAPES = [(768, 2304), (768, 768), (3072, 768), (768, 3072)] * 12
 MULTI_REPS = 200
+COLUMN_NORM_SHAPES = [(8192, 768), (8192, 3072), (8192, 2048), (8192, 5632)]
 # --only choices -> key of the JSON result.
-SECTIONS = {"updates": "updates", "multi": "multi_tensor", "topk": "topk"}
+SECTIONS = {
+    "updates": "updates",
+    "multi": "multi_tensor",
+    "topk": "topk",
+    "column_norms": "column_norms",
+}
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -326,6 +337,20 @@ def _bench_topk() -> list[dict]:
     return rows
 
 
+def _bench_column_norms() -> list[dict]:
+    compiled = torch.compile(column_sq_sums_reference)
+    rows = []
+    for shape in COLUMN_NORM_SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(column_sq_sums(x), compiled(x), rtol=1e-4, atol=1e-2)
+        cases = {"column_sq_sums (Triton op)": column_sq_sums, "Inductor (aten ops)": compiled}
+        for name, fn in cases.items():
+            ms = _median_ms(lambda fn=fn, x=x: fn(x))
+            gbps = x.numel() * x.element_size() / ms / 1e6
+            rows.append({"method": name, "shape": str(shape), "ms": ms, "GB/s": gbps})
+    return rows
+
+
 def _environment() -> dict[str, str]:
     return {
         "gpu": torch.cuda.get_device_name(),
@@ -366,6 +391,9 @@ def main() -> None:
     if "multi" in run:
         result["multi_tensor"] = _bench_multi()
         tables.append(tabulate(result["multi_tensor"], headers="keys", floatfmt=".4g"))
+    if "column_norms" in run:
+        result["column_norms"] = _bench_column_norms()
+        tables.append(tabulate(result["column_norms"], headers="keys", floatfmt=".4g"))
     for section in run:
         provenance[SECTIONS[section]] = env
     args.out.parent.mkdir(parents=True, exist_ok=True)

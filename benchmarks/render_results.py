@@ -156,6 +156,19 @@ def kernels_section(result: dict[str, Any]) -> str:
             "### One launch for all managed weights (GPT-2-small shapes)",
             tabulate(multi, headers="keys", tablefmt="github", disable_numparse=True),
         ]
+    if result.get("column_norms"):
+        norms = [
+            {**row, "ms": f"{row['ms']:.4f}", "GB/s": f"{row['GB/s']:.0f}"}
+            for row in result["column_norms"]
+        ]
+        parts += [
+            "### Calibrate variant: column sums of squares (bf16 activations)",
+            _provenance(
+                result.get("provenance", {}).get("column_norms", result),
+                "python -m benchmarks.kernels --only column_norms",
+            ),
+            tabulate(norms, headers="keys", tablefmt="github", disable_numparse=True),
+        ]
     return "\n\n".join(parts)
 
 

@@ -1,9 +1,10 @@
-"""Traceable pieces the rewrite inserts into graph variants, written in aten ops on purpose.
+"""The pieces the rewrite inserts into graph variants.
 
-Inductor sees through them and fuses them with the work around them: the gradient mask lands in
+The gradient mask is written in aten ops on purpose: Inductor sees through it and fuses it into
 the elementwise kernel that already touches the weight gradient (the bias-gradient reduction, or
-the bf16 -> fp32 cast under autocast), and the input-norm reduction reads the activation once.
-A custom op would be opaque and cost a separate pass over memory each.
+the bf16 -> fp32 cast under autocast); an opaque op would cost a pass over memory of its own. The
+input-norm reduction is the opposite case: a reduction down an activation's columns, which an
+opaque kernel does in one read (:mod:`resu_compile.kernels.column_norms`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from resu_compile.kernels.bits import unpack_bits
+from resu_compile.kernels.column_norms import column_sq_sums
 
 
 class _MaskGradient(torch.autograd.Function):
@@ -41,7 +43,6 @@ def mask_gradient(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 def accumulate_input_sq_norms(x: torch.Tensor, *sq_norms: torch.Tensor) -> None:
     """Add each input feature's squared L2 norm over all tokens (Wanda's ``||X_j||^2``) to every
     buffer in ``sq_norms`` (one per weight that reads ``x``), reducing ``x`` once."""
-    dims = tuple(range(x.dim() - 1))
-    values = x.detach().float().square().sum(dim=dims)
+    values = column_sq_sums(x.detach())
     for buffer in sq_norms:
         buffer.add_(values)
